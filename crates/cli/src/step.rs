@@ -1,0 +1,335 @@
+//! One training step of each mode: the loss, its gradient for every model parameter,
+//! and the diagnostics of the refinement and the adjoint solve.
+//!
+//! The loss is L = −(1/B) Σ_b ELBO_β(λ_b), at λ0 = enc(x) (vae), or at the refined
+//! λ* (svi, vae-svi, savae). Gradients are returned in the order of `model.params`.
+
+use anyhow::{bail, Result};
+use candle_core::{backprop::GradStore, DType, Tensor};
+use savae_implicit::{
+    autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
+    BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind,
+};
+use savae_inference::{refine, unrolled_backward, Refinement, SviConfig};
+use savae_model::{elbo, Mlp, MlpVae, Noise, VariationalParams};
+use serde::Serialize;
+
+/// The training mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Vae,
+    Svi,
+    VaeSvi,
+    SavaeImplicit,
+    SavaeUnrolled,
+}
+
+impl Mode {
+    pub fn from_names(model: &str, grad: &str) -> Result<Self> {
+        Ok(match (model, grad) {
+            ("vae", _) => Self::Vae,
+            ("svi", _) => Self::Svi,
+            ("vae-svi", _) => Self::VaeSvi,
+            ("savae", "implicit") => Self::SavaeImplicit,
+            ("savae", "unrolled") => Self::SavaeUnrolled,
+            (m, g) => bail!("unknown mode --model {m} --grad {g}"),
+        })
+    }
+    pub fn refines(self) -> bool {
+        self != Self::Vae
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vae => "vae",
+            Self::Svi => "svi",
+            Self::VaeSvi => "vae-svi",
+            Self::SavaeImplicit => "savae-implicit",
+            Self::SavaeUnrolled => "savae-unrolled",
+        }
+    }
+}
+
+/// What a step needs besides the model and the batch.
+#[derive(Debug, Clone)]
+pub struct StepConfig {
+    pub mode: Mode,
+    pub beta: f64,
+    pub svi: SviConfig,
+    pub cg: CgConfig,
+    pub damping: f64,
+    pub hvp: HvpKind,
+    /// Damped re-solves before the steepest-descent fallback (see savae_implicit::adjoint).
+    pub cg_retries: usize,
+}
+
+/// Refinement diagnostics of a step.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SviStats {
+    pub steps: usize,
+    /// max_b ‖∇F_b(λ_K)‖.
+    pub final_grad_norm_max: f64,
+    pub final_grad_norm_mean: f64,
+    pub resets: usize,
+}
+
+/// Adjoint-solve diagnostics of a step.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CgStats {
+    pub iters_mean: f64,
+    pub iters_max: usize,
+    pub residual_max: f64,
+    pub converged: usize,
+    pub max_iterations: usize,
+    pub negative_curvature: usize,
+    pub non_finite: usize,
+    pub retried: usize,
+    pub fallbacks: usize,
+}
+
+/// The outcome of one step.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    /// ∂loss/∂θ for each entry of `model.params`, in order.
+    pub grads: Vec<Tensor>,
+    /// The loss the gradient is of (−mean ELBO_β at the refined λ, or at λ0 for vae).
+    pub loss: f64,
+    /// Mean ELBO_β at λ0.
+    pub elbo_amortized: f64,
+    /// Mean ELBO_β at λ* (refining modes).
+    pub elbo_refined: Option<f64>,
+    /// Mean KL at the λ the loss is taken at.
+    pub kl: f64,
+    pub svi: Option<SviStats>,
+    pub cg: Option<CgStats>,
+    /// Detached refined λ (for gradcheck's output).
+    pub lambda_refined: Option<Tensor>,
+    pub lambda0: Tensor,
+}
+
+fn mean(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
+}
+
+/// (values, ∇_λ Σ values) of the ELBO with a detached decoder (no parameter gradients).
+fn elbo_grad_fn<'a>(
+    decoder: &'a Mlp,
+    x: &'a Tensor,
+    eps: &'a Noise,
+    beta: f64,
+) -> impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a {
+    move |lam: &Tensor| {
+        let vg = value_and_grad(|l| Ok(elbo(decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo), lam)?;
+        Ok((vg.values.detach(), vg.grad.detach()))
+    }
+}
+
+fn collect(store: &GradStore, model: &MlpVae, scale: f64) -> Result<Vec<Tensor>> {
+    model
+        .params
+        .iter()
+        .map(|(_, v)| match store.get(v.as_tensor()) {
+            Some(g) => Ok((g.detach() * scale)?),
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect()
+}
+
+fn add_into(acc: &mut [Tensor], model: &MlpVae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
+    let idx: Vec<usize> =
+        model.params.iter().enumerate().filter(|(_, (n, _))| n.starts_with(prefix)).map(|(i, _)| i).collect();
+    for (i, g) in idx.into_iter().zip(extra) {
+        acc[i] = (&acc[i] + g)?;
+    }
+    Ok(())
+}
+
+fn svi_stats(r: &Refinement) -> SviStats {
+    let finite: Vec<f64> = r.final_grad_norm.iter().copied().filter(|v| v.is_finite()).collect();
+    SviStats {
+        steps: r.steps,
+        final_grad_norm_max: finite.iter().copied().fold(0.0, f64::max),
+        final_grad_norm_mean: finite.iter().sum::<f64>() / finite.len().max(1) as f64,
+        resets: r.resets,
+    }
+}
+
+/// Computes the loss and gradients of one step on `x: [B, P]` with noise `eps: [S, B, d]`.
+pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> Result<StepOutput> {
+    let b = x.dim(0)? as f64;
+    let beta = cfg.beta;
+    let lambda0 = model.encode(x)?;
+    let dec_det = model.decoder.detached();
+    match cfg.mode {
+        Mode::Vae => {
+            let t = elbo(&model.decoder, x, &lambda0, eps, beta)?;
+            let loss_t = (t.elbo.mean_all()? * -1.0)?;
+            let store = loss_t.backward()?;
+            let e = -loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok(StepOutput {
+                grads: collect(&store, model, 1.0)?,
+                loss: -e,
+                elbo_amortized: e,
+                elbo_refined: None,
+                kl: mean(&t.kl)?,
+                svi: None,
+                cg: None,
+                lambda_refined: None,
+                lambda0: lambda0.0.detach(),
+            })
+        }
+        Mode::Svi | Mode::VaeSvi => {
+            let gf = elbo_grad_fn(&dec_det, x, eps, beta);
+            let r = refine(&gf, &lambda0.0, &cfg.svi, false)?;
+            let refined = VariationalParams(r.lambda.clone());
+            let t = elbo(&model.decoder, x, &refined, eps, beta)?;
+            let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
+            let e0 = r.trace.first().map(|s| s.mean_objective).unwrap_or(f64::NAN);
+            if model.encoder.is_some() {
+                // The encoder trains on its own ELBO at λ0 (decoder detached there).
+                let t0 = elbo(&dec_det, x, &lambda0, eps, beta)?;
+                loss_t = (loss_t - t0.elbo.mean_all()?)?;
+            }
+            let store = loss_t.backward()?;
+            let er = mean(&t.elbo)?;
+            Ok(StepOutput {
+                grads: collect(&store, model, 1.0)?,
+                loss: -er,
+                elbo_amortized: e0,
+                elbo_refined: Some(er),
+                kl: mean(&t.kl)?,
+                svi: Some(svi_stats(&r)),
+                cg: None,
+                lambda_refined: Some(r.lambda),
+                lambda0: lambda0.0.detach(),
+            })
+        }
+        Mode::SavaeImplicit | Mode::SavaeUnrolled => savae_step(model, x, eps, cfg, &lambda0, &dec_det, b),
+    }
+}
+
+fn savae_step(
+    model: &MlpVae,
+    x: &Tensor,
+    eps: &Noise,
+    cfg: &StepConfig,
+    lambda0: &VariationalParams,
+    dec_det: &Mlp,
+    b: f64,
+) -> Result<StepOutput> {
+    let beta = cfg.beta;
+    let unrolled = cfg.mode == Mode::SavaeUnrolled;
+    let gf = elbo_grad_fn(dec_det, x, eps, beta);
+    let r = refine(&gf, &lambda0.0, &cfg.svi, unrolled)?;
+    let e0 = r.trace.first().map(|s| s.mean_objective).unwrap_or(f64::NAN);
+    // ELBO at λ* with the model's decoder: ∂_θ L and ∇_λ L (graph kept for the mixed term).
+    let at_opt = value_and_grad(
+        |l| Ok(elbo(&model.decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
+        &r.lambda,
+    )?;
+    let refined_elbo = mean(&at_opt.values)?;
+    let kl = mean(&savae_model::gaussian_kl(&VariationalParams(r.lambda.clone()))?)?;
+    // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
+    let mut grads = collect(&at_opt.store, model, -1.0 / b)?;
+    let g = (at_opt.grad.detach() * (-1.0 / b))?;
+    let dec_params = model.decoder_params();
+    let dec_tensors: Vec<Tensor> = dec_params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
+    let (lambda0_grad, cg_stats) = if unrolled {
+        let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+            let vg = value_and_grad(
+                |l| Ok(elbo(&model.decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
+                lam,
+            )?;
+            let mut refs = vec![vg.lambda.as_tensor()];
+            refs.extend(dec_refs.iter().copied());
+            let mut out = grads_of_dot(&vg.grad, &w.detach(), &refs)?;
+            let hw = out.remove(0);
+            Ok((hw, out))
+        };
+        let zeros = dec_tensors.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let ug = unrolled_backward(&second_order, &r, &g, &cfg.svi, zeros)?;
+        add_into(&mut grads, model, "decoder.", ug.theta_grads)?;
+        (ug.lambda0_grad, None)
+    } else {
+        let gamma = cfg.svi.prox;
+        // HVPs on a graph without parameter gradients (cheaper backward passes).
+        let sol = match cfg.hvp {
+            HvpKind::Exact => {
+                let det = value_and_grad(
+                    |l| Ok(elbo(dec_det, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
+                    &r.lambda,
+                )?;
+                let op = ExactHvp { lambda: det.lambda, grad: det.grad };
+                solve_adjoint(&op as &dyn BatchedOperator, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries)?
+            }
+            HvpKind::FiniteDifference => {
+                let op = FdHvp {
+                    grad_fn: |l: &Tensor| Ok(gf(l)?.1),
+                    lambda: r.lambda.clone(),
+                    rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
+                };
+                solve_adjoint(&op, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries)?
+            }
+        };
+        let mixed = match cfg.hvp {
+            HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u, &dec_refs)?,
+            HvpKind::FiniteDifference => {
+                let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
+                    let vg = value_and_grad(
+                        |ll| Ok(elbo(&model.decoder, x, &VariationalParams(ll.clone()), eps, beta)?.elbo),
+                        l,
+                    )?;
+                    Ok(dec_refs
+                        .iter()
+                        .map(|t| vg.store.get(t).map(|g| g.detach()).unwrap_or_else(|| t.zeros_like().unwrap()))
+                        .collect())
+                };
+                let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype());
+                mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u, rel)?
+            }
+        };
+        add_into(&mut grads, model, "decoder.", mixed)?;
+        let rep = &sol.report;
+        let stats = CgStats {
+            iters_mean: rep.mean_iterations(),
+            iters_max: rep.max_iterations(),
+            residual_max: rep.max_residual(),
+            converged: rep.count(savae_implicit::CgStatus::Converged),
+            max_iterations: rep.count(savae_implicit::CgStatus::MaxIterations),
+            negative_curvature: rep.count(savae_implicit::CgStatus::NegativeCurvature),
+            non_finite: rep.count(savae_implicit::CgStatus::NonFinite),
+            retried: sol.retried,
+            fallbacks: sol.fallbacks,
+        };
+        (sol.lambda0_grad, Some(stats))
+    };
+    if model.encoder.is_some() {
+        let enc_loss = if unrolled || cfg.svi.prox > 0.0 {
+            // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.
+            (&lambda0.0 * lambda0_grad.detach())?.sum_all()?
+        } else {
+            // γ = 0: no gradient reaches the encoder through the optimum; it trains on
+            // its own ELBO at λ0 instead (as in vae-svi).
+            let t0 = elbo(dec_det, x, lambda0, eps, beta)?;
+            (t0.elbo.mean_all()? * -1.0)?
+        };
+        let store = enc_loss.backward()?;
+        let enc_grads = model
+            .encoder_params()
+            .iter()
+            .map(|(_, v)| Ok(store.get(v.as_tensor()).map(|g| g.detach()).unwrap_or(v.as_tensor().zeros_like()?)))
+            .collect::<Result<Vec<_>>>()?;
+        add_into(&mut grads, model, "encoder.", enc_grads)?;
+    }
+    Ok(StepOutput {
+        grads,
+        loss: -refined_elbo,
+        elbo_amortized: e0,
+        elbo_refined: Some(refined_elbo),
+        kl,
+        svi: Some(svi_stats(&r)),
+        cg: cg_stats,
+        lambda_refined: Some(r.lambda),
+        lambda0: lambda0.0.detach(),
+    })
+}

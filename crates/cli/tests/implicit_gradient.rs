@@ -1,0 +1,103 @@
+//! The SA-VAE parameter gradient by implicit differentiation, by unrolled differentiation
+//! and by central finite differences of the whole pipeline agree (f64).
+
+use candle_core::{DType, Device, Tensor};
+use savae_cli::step::{train_step, Mode, StepConfig};
+use savae_implicit::{CgConfig, HvpKind};
+use savae_inference::{SviConfig, SviOptimizer};
+use savae_model::{MlpVae, ModelConfig, Noise};
+
+fn setup(act: &str) -> (MlpVae, Tensor, Noise) {
+    savae_implicit::enable_second_order();
+    let cfg = ModelConfig {
+        kind: "savae".into(),
+        latent_dim: 2,
+        hidden: vec![6],
+        activation: act.into(),
+        input_dim: 12,
+    };
+    let dev = Device::Cpu;
+    let model = MlpVae::new(&cfg, 3, DType::F64, &dev).unwrap();
+    let xs: Vec<f64> = (0..3 * 12).map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64).collect();
+    let x = Tensor::from_vec(xs, (3, 12), &dev).unwrap();
+    let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
+    let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
+    (model, x, eps)
+}
+
+fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
+    StepConfig {
+        mode,
+        beta: 0.7,
+        svi: SviConfig {
+            steps,
+            optimizer: SviOptimizer::Sgd { lr: 0.5, momentum: 0.5, clip: 1e9 },
+            prox: 2.0,
+            tol: 0.0,
+            batch_size: 1,
+        },
+        cg: CgConfig { max_iters: 50, tol: 1e-13 },
+        damping: 0.0,
+        hvp,
+        cg_retries: 3,
+    }
+}
+
+fn flat(ts: &[Tensor]) -> Vec<f64> {
+    ts.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect()
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den
+}
+
+#[test]
+fn implicit_unrolled_and_finite_differences_agree_in_f64() {
+    let (model, x, eps) = setup("tanh");
+    savae_implicit::ensure_second_order().unwrap();
+    let imp = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact)).unwrap();
+    let unr = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeUnrolled, 400, HvpKind::Exact)).unwrap();
+    let svi = imp.svi.as_ref().unwrap();
+    assert!(svi.final_grad_norm_max < 1e-10, "refinement did not converge: {svi:?}");
+    let gi = flat(&imp.grads);
+    let gu = flat(&unr.grads);
+    let e_iu = rel_err(&gi, &gu);
+    assert!(e_iu < 1e-6, "implicit vs unrolled relative error {e_iu}");
+    // Central differences of the whole pipeline (refine to convergence, then the loss).
+    let cfg = step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact);
+    let vars: Vec<_> = model.params.vars();
+    let mut fd = Vec::new();
+    let h = 1e-5;
+    let mut picked = Vec::new();
+    for (vi, var) in vars.iter().enumerate() {
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for j in [0, base.len() / 2, base.len() - 1] {
+            let eval = |delta: f64| {
+                let mut w = base.clone();
+                w[j] += delta;
+                var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap()).unwrap();
+                let out = train_step(&model, &x, &eps, &cfg).unwrap();
+                out.loss
+            };
+            let d = (eval(h) - eval(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap()).unwrap();
+            fd.push(d);
+            let offset: usize = vars[..vi].iter().map(|v| v.elem_count()).sum();
+            picked.push(offset + j);
+        }
+    }
+    let gi_p: Vec<f64> = picked.iter().map(|&i| gi[i]).collect();
+    let e_fd = rel_err(&gi_p, &fd);
+    assert!(e_fd < 1e-6, "implicit vs finite differences relative error {e_fd}: {gi_p:?} vs {fd:?}");
+}
+
+#[test]
+fn finite_difference_hvp_backend_matches_exact() {
+    let (model, x, eps) = setup("softplus");
+    let exact = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact)).unwrap();
+    let fd = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::FiniteDifference)).unwrap();
+    let e = rel_err(&flat(&fd.grads), &flat(&exact.grads));
+    assert!(e < 1e-6, "fd vs exact HVP backend: relative error {e}");
+}

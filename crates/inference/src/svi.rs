@@ -1,0 +1,142 @@
+//! K steps of per-example gradient ascent on F(λ) = f(λ) − γ/2 ‖λ − λ0‖².
+//!
+//! SGD with momentum (SA-VAE): with G_k = s · clip_5(∇F(λ_k)) and s = 1 / batch size
+//! (the step acts on the batch-mean loss, as in SA-VAE),
+//!   m_{k+1} = μ m_k + G_k,   λ_{k+1} = λ_k + α m_{k+1},   m_0 = 0.
+//! Clipping is per example (‖∇F_b‖ ≤ 5 before scaling), so that no example's refinement
+//! depends on the others in its batch. Adam uses the usual bias-corrected moments per
+//! coordinate. Early stop: when every example's ‖∇F_b(λ_k)‖ is below `tol`.
+//! Examples whose λ or f becomes non-finite are reset to λ0 and counted.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use savae_implicit::{column, row_norms};
+
+/// The inner optimizer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SviOptimizer {
+    /// SGD with momentum on the batch-mean loss, per-example gradient clipping.
+    Sgd { lr: f64, momentum: f64, clip: f64 },
+    /// Adam with per-coordinate moments.
+    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64 },
+}
+
+impl SviOptimizer {
+    /// `sgd` or `adam` with the SA-VAE / PyTorch defaults and learning rate `lr`.
+    pub fn parse(name: &str, lr: f64) -> Result<Self> {
+        Ok(match name {
+            "sgd" => Self::Sgd { lr, momentum: 0.5, clip: 5.0 },
+            "adam" => Self::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            other => bail!("unknown --svi-optimizer {other:?}: expected sgd or adam"),
+        })
+    }
+}
+
+/// Refinement settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SviConfig {
+    pub steps: usize,
+    pub optimizer: SviOptimizer,
+    /// Proximal weight γ ≥ 0.
+    pub prox: f64,
+    /// Early-stop tolerance on every example's ‖∇F_b‖ (0 disables).
+    pub tol: f64,
+    /// The nominal batch size; SGD's step acts on the loss averaged over it.
+    pub batch_size: usize,
+}
+
+/// One step's trace.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct SviStep {
+    pub step: usize,
+    /// Mean f over the batch at λ_k (before the step).
+    pub mean_objective: f64,
+    /// Max over examples of ‖∇F_b(λ_k)‖.
+    pub max_grad_norm: f64,
+}
+
+/// The refined λ and what happened on the way.
+#[derive(Debug, Clone)]
+pub struct Refinement {
+    /// λ_K: `[B, n]`.
+    pub lambda: Tensor,
+    /// Steps actually taken (≤ K with early stop).
+    pub steps: usize,
+    pub trace: Vec<SviStep>,
+    /// Per-example ‖∇F_b(λ_K)‖ at the end (the stationarity of the optimum).
+    pub final_grad_norm: Vec<f64>,
+    /// Examples reset to λ0 because they diverged.
+    pub resets: usize,
+    /// For the unrolled backward (SGD only, when asked): λ_0..λ_{K−1} and each step's
+    /// per-example clip scale.
+    pub path: Option<Vec<(Tensor, Vec<f64>)>>,
+}
+
+/// Refines `lambda0` (detached) with `grad_fn: λ ↦ (f(λ): [B], ∇_λ Σ f: [B, n])`.
+/// With `keep_path`, records what [`crate::unrolled_backward`] needs.
+pub fn refine(
+    grad_fn: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+    lambda0: &Tensor,
+    cfg: &SviConfig,
+    keep_path: bool,
+) -> Result<Refinement> {
+    let lambda0 = lambda0.detach();
+    let nb = lambda0.dim(0)?;
+    let mut lambda = lambda0.clone();
+    let mut m = lambda.zeros_like()?;
+    let mut v = lambda.zeros_like()?;
+    let mut trace = Vec::with_capacity(cfg.steps);
+    let mut path = keep_path.then(Vec::new);
+    let scale = 1.0 / cfg.batch_size.max(1) as f64;
+    let mut steps = 0;
+    let mut last_norms = vec![f64::INFINITY; nb];
+    for k in 0..=cfg.steps {
+        let (values, g) = grad_fn(&lambda)?;
+        let g = if cfg.prox > 0.0 { (g - ((&lambda - &lambda0)? * cfg.prox)?)? } else { g };
+        let norms = row_norms(&g)?;
+        let mean = values.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
+        let max_norm = norms.iter().copied().fold(0.0, f64::max);
+        trace.push(SviStep { step: k, mean_objective: mean, max_grad_norm: max_norm });
+        last_norms = norms.clone();
+        if k == cfg.steps || (cfg.tol > 0.0 && norms.iter().all(|&n| n < cfg.tol)) {
+            break;
+        }
+        match cfg.optimizer {
+            SviOptimizer::Sgd { lr, momentum, clip } => {
+                let c: Vec<f64> =
+                    norms.iter().map(|&n| if n > clip && n.is_finite() { clip / n } else { 1.0 }).collect();
+                let gs: Vec<f64> = c.iter().map(|c| c * scale).collect();
+                if let Some(p) = path.as_mut() {
+                    p.push((lambda.clone(), c));
+                }
+                m = ((&m * momentum)? + g.broadcast_mul(&column(&gs, &g)?)?)?;
+                lambda = (&lambda + (&m * lr)?)?;
+            }
+            SviOptimizer::Adam { lr, beta1, beta2, eps } => {
+                let t = (k + 1) as i32;
+                m = ((&m * beta1)? + (&g * (1.0 - beta1))?)?;
+                v = ((&v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let mhat = (&m / (1.0 - beta1.powi(t)))?;
+                let vhat = (&v / (1.0 - beta2.powi(t)))?;
+                lambda = (&lambda + (mhat / (vhat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?;
+            }
+        }
+        steps += 1;
+    }
+    // Reset diverged examples to λ0.
+    let bad: Vec<bool> = last_norms.iter().map(|n| !n.is_finite()).collect();
+    let lam_ok = row_norms(&lambda)?;
+    let bad: Vec<bool> = bad.iter().zip(&lam_ok).map(|(b, l)| *b || !l.is_finite()).collect();
+    let resets = bad.iter().filter(|&&b| b).count();
+    if resets > 0 {
+        let keep: Vec<f64> = bad.iter().map(|&b| if b { 0.0 } else { 1.0 }).collect();
+        let mask = column(&keep, &lambda)?.ne(0.0)?.broadcast_as(lambda.shape())?.contiguous()?;
+        lambda = mask.where_cond(&lambda, &lambda0)?;
+        for (n, b) in last_norms.iter_mut().zip(&bad) {
+            if *b {
+                *n = f64::NAN;
+            }
+        }
+    }
+    Ok(Refinement { lambda, steps, trace, final_grad_norm: last_norms, resets, path })
+}

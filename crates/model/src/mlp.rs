@@ -1,0 +1,85 @@
+//! Fully connected layers and MLPs.
+
+use crate::{Activation, ParamSet};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::Rng;
+
+/// `y = x Wᵀ + b` with `W: [out, in]`, `b: [out]` (PyTorch layout).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// `x: [N, in]` → `[N, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// An MLP: linear layers with `activation` between them and none after the last.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub layers: Vec<Linear>,
+    pub activation: Activation,
+}
+
+impl Mlp {
+    /// Creates the parameters `{prefix}.layers.{i}.weight|bias` for layer sizes
+    /// `sizes[0] → sizes[1] → …`, initialised like PyTorch's `nn.Linear`
+    /// (uniform in ±1/√fan_in), drawn from `rng`.
+    pub fn init(
+        params: &mut ParamSet,
+        prefix: &str,
+        sizes: &[usize],
+        activation: Activation,
+        rng: &mut impl Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Mlp> {
+        let mut layers = Vec::new();
+        for (i, w) in sizes.windows(2).enumerate() {
+            let (fan_in, fan_out) = (w[0], w[1]);
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let mut draw = |n: usize| -> Vec<f64> {
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            let weight = Tensor::from_vec(draw(fan_in * fan_out), (fan_out, fan_in), device)?
+                .to_dtype(dtype)?;
+            let bias = Tensor::from_vec(draw(fan_out), fan_out, device)?.to_dtype(dtype)?;
+            let (wv, bv) = (Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
+            params.push(format!("{prefix}.layers.{i}.weight"), wv.clone());
+            params.push(format!("{prefix}.layers.{i}.bias"), bv.clone());
+            layers.push(Linear { weight: wv.as_tensor().clone(), bias: bv.as_tensor().clone() });
+        }
+        Ok(Mlp { layers, activation })
+    }
+
+    /// `x: [N, sizes[0]]` → `[N, sizes[last]]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut h = x.clone();
+        let n = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h)?;
+            if i + 1 < n {
+                h = self.activation.apply(&h)?;
+            }
+        }
+        Ok(h)
+    }
+
+    /// The same network with its weights detached from autodiff: gradients flow to the
+    /// input only, which saves the weight-gradient work in SVI refinement.
+    pub fn detached(&self) -> Mlp {
+        Mlp {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| Linear { weight: l.weight.detach(), bias: l.bias.detach() })
+                .collect(),
+            activation: self.activation,
+        }
+    }
+}
