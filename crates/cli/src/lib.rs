@@ -3,3 +3,11 @@
 
 pub mod config;
 pub mod step;
+pub mod adam;
+pub mod batch;
+pub mod checkpoint;
+pub mod device;
+pub mod eval;
+pub mod train;
+pub mod bench;
+pub mod gradcheck;

@@ -1,1 +1,176 @@
-fn main() {}
+//! `savae`: train, evaluate, check and benchmark semi-amortized VAEs.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use savae_cli::{
+    bench, checkpoint,
+    config::{data_dir, TrainConfig, TrainOverrides},
+    device,
+    eval::{evaluate, EvalOptions},
+    gradcheck,
+    train::{svi_config, train, TrainOptions},
+};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "savae", version, about = "Semi-amortized VAEs with implicit gradients, on candle")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (defaults: SA-VAE with implicit gradients on static binarized MNIST).
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: ELBOs, KL, importance-sampled NLL, active units (JSON).
+    Eval(EvalArgs),
+    /// Compare the implicit, unrolled and finite-difference parameter gradients (JSON).
+    Gradcheck(gradcheck::GradcheckArgs),
+    /// Time training steps of each mode (JSON lines).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML file of settings (same names as the flags, with underscores).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Output folder: checkpoints and metrics.jsonl.
+    #[arg(long, default_value = "checkpoints/run")]
+    run_dir: PathBuf,
+    /// Continue the run in --run-dir from its last.safetensors.
+    #[arg(long)]
+    resume: bool,
+    /// Replace a run already in --run-dir.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// cpu | cuda | cuda:N | auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Folder of the data files (default: the repository's data/).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Stop after this many consecutive non-finite batches.
+    #[arg(long, default_value_t = 10)]
+    max_bad_batches: usize,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    overrides: TrainOverrides,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A checkpoint written by `savae train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// valid | test (| train).
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Importance samples for nll_iw (0 skips it).
+    #[arg(long, default_value_t = 500)]
+    iw_samples: usize,
+    /// SVI refinement steps (default: the checkpoint's).
+    #[arg(long)]
+    svi_steps: Option<usize>,
+    /// Evaluate the first N examples of the split (file order).
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// Noise draws for the reported ELBOs.
+    #[arg(long, default_value_t = 10)]
+    elbo_samples: usize,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    let opts = TrainOptions {
+        overrides: a.overrides,
+        config_file: a.config,
+        run_dir: a.run_dir,
+        resume: a.resume,
+        overwrite: a.overwrite,
+        device: device::resolve(&a.device)?,
+        data_dir: data_dir(a.data_dir.as_ref()),
+        progress: !a.quiet,
+        max_bad_batches: a.max_bad_batches,
+    };
+    let s = train(&opts)?;
+    println!("{}", serde_json::to_string(&s)?);
+    eprintln!(
+        "savae: done — checkpoints in {0}/last.safetensors and {0}/best.safetensors, metrics in \
+         {0}/metrics.jsonl; evaluate with: savae eval --checkpoint {0}/best.safetensors",
+        s.run_dir.display()
+    );
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let dev = device::resolve(&a.device)?;
+    let ck = checkpoint::load(&a.checkpoint)?;
+    let cfg: TrainConfig = ck.meta.config.clone();
+    let model = ck.model(&a.checkpoint, cfg.dtype(), &dev)?;
+    let kind = savae_data::DatasetKind::parse(&ck.meta.dataset)?;
+    let data = savae_data::ImageData::load(kind, &data_dir(a.data_dir.as_ref()))?;
+    let split = savae_data::Split::parse(&a.split).context("--split")?;
+    let mut s = data.split(split).clone();
+    if let Some(n) = a.max_examples {
+        anyhow::ensure!(n > 0, "--max-examples must be at least 1");
+        s = s.truncate(n);
+    }
+    let mut svi = svi_config(&cfg)?;
+    if let Some(k) = a.svi_steps {
+        svi.steps = k;
+    }
+    let bs = a.batch_size.unwrap_or(cfg.batch_size);
+    anyhow::ensure!(bs > 0, "--batch-size must be at least 1");
+    let opts = EvalOptions {
+        svi,
+        refine: svi.steps > 0,
+        iw_samples: a.iw_samples,
+        elbo_samples: a.elbo_samples.max(1),
+        refine_samples: cfg.samples,
+        batch_size: bs,
+        seed: a.seed,
+        progress: !a.quiet,
+    };
+    if svi.steps > 0 && matches!(cfg.model.as_str(), "savae") {
+        savae_implicit::ensure_second_order()?;
+    }
+    let r = evaluate(&model, &s, split.name(), &opts, &dev)?;
+    let mut v = serde_json::to_value(&r)?;
+    v["checkpoint"] = serde_json::json!(a.checkpoint.display().to_string());
+    v["dataset"] = serde_json::json!(ck.meta.dataset);
+    v["epoch"] = serde_json::json!(ck.meta.epoch);
+    println!("{v}");
+    Ok(())
+}
+
+fn main() {
+    savae_implicit::enable_second_order();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Train(a) => run_train(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Gradcheck(a) => gradcheck::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("savae: error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,219 @@
+//! `savae bench`: median time of full training steps (step + Adam) per mode, K and batch
+//! size, with peak memory, as JSON lines.
+//!
+//! Peak memory: on CPU the process's peak resident set (VmHWM, reset before each
+//! configuration through /proc/self/clear_refs); on CUDA the device memory in use as
+//! reported by the driver, sampled every 0.2 ms by a thread while the steps run, minus
+//! the memory in use before the configuration started.
+
+use crate::adam::Adam;
+use crate::config::{data_dir, TrainConfig};
+use crate::step::{train_step, Mode};
+use crate::train::step_config;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use rand::SeedableRng;
+use savae_model::MlpVae;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Modes: vae, vae-svi, savae-implicit, savae-unrolled (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "vae,vae-svi,savae-unrolled,savae-implicit")]
+    pub modes: Vec<String>,
+    /// SVI steps K (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "5,20,50")]
+    pub k: Vec<usize>,
+    /// Batch sizes (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    pub batch: Vec<usize>,
+    /// CG iterations (run to the limit: tolerance 0).
+    #[arg(long, default_value_t = 20)]
+    pub cg_iters: usize,
+    /// Timed steps per configuration (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, value_delimiter = ',', default_value = "512,512")]
+    pub hidden: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub latent_dim: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn mode_names(m: &str) -> Result<(&'static str, &'static str)> {
+    Ok(match m {
+        "vae" => ("vae", "implicit"),
+        "vae-svi" => ("vae-svi", "implicit"),
+        "svi" => ("svi", "implicit"),
+        "savae-implicit" => ("savae", "implicit"),
+        "savae-unrolled" => ("savae", "unrolled"),
+        other => anyhow::bail!("--modes: unknown mode {other:?}"),
+    })
+}
+
+/// Peak-memory probe for one configuration.
+pub trait MemProbe {
+    fn start(&mut self) -> Result<()>;
+    /// Peak MiB since `start`.
+    fn stop(&mut self) -> Result<f64>;
+}
+
+/// CPU: VmHWM of this process (reset with clear_refs).
+pub struct CpuProbe;
+
+fn vm_field(name: &str) -> Result<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let line = s.lines().find(|l| l.starts_with(name)).context("no such field in /proc/self/status")?;
+    let kb: f64 = line.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0.0);
+    Ok(kb / 1024.0)
+}
+
+impl MemProbe for CpuProbe {
+    fn start(&mut self) -> Result<()> {
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<f64> {
+        vm_field("VmHWM:")
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub mod cuda_probe {
+    use super::MemProbe;
+    use anyhow::Result;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Samples the driver's used-memory figure on a thread while a configuration runs.
+    pub struct CudaProbe {
+        pub device: candle_core::Device,
+        stop: Arc<AtomicBool>,
+        peak: Arc<AtomicU64>,
+        base: u64,
+        handle: Option<std::thread::JoinHandle<()>>,
+    }
+
+    fn used(dev: &candle_core::Device) -> u64 {
+        if let candle_core::Device::Cuda(c) = dev {
+            let stream = c.cuda_stream();
+            let _ = stream.context().bind_to_thread();
+            if let Ok((free, total)) = cudarc::driver::result::mem_get_info() {
+                return (total - free) as u64;
+            }
+        }
+        0
+    }
+
+    impl CudaProbe {
+        pub fn new(device: candle_core::Device) -> Self {
+            Self { device, stop: Arc::default(), peak: Arc::default(), base: 0, handle: None }
+        }
+    }
+
+    impl MemProbe for CudaProbe {
+        fn start(&mut self) -> Result<()> {
+            self.device.synchronize()?;
+            self.base = used(&self.device);
+            self.peak.store(self.base, Ordering::SeqCst);
+            self.stop.store(false, Ordering::SeqCst);
+            let (dev, stop, peak) = (self.device.clone(), self.stop.clone(), self.peak.clone());
+            self.handle = Some(std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    peak.fetch_max(used(&dev), Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }));
+            Ok(())
+        }
+        fn stop(&mut self) -> Result<f64> {
+            self.device.synchronize()?;
+            self.stop.store(true, Ordering::SeqCst);
+            if let Some(h) = self.handle.take() {
+                let _ = h.join();
+            }
+            Ok(self.peak.load(Ordering::SeqCst).saturating_sub(self.base) as f64 / (1024.0 * 1024.0))
+        }
+    }
+}
+
+fn probe_for(dev: &Device) -> Box<dyn MemProbe> {
+    #[cfg(feature = "cuda")]
+    if dev.is_cuda() {
+        return Box::new(cuda_probe::CudaProbe::new(dev.clone()));
+    }
+    let _ = dev;
+    Box::new(CpuProbe)
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let dev = crate::device::resolve(&a.device)?;
+    savae_implicit::ensure_second_order()?;
+    let data = savae_data::ImageData::load(savae_data::DatasetKind::Mnist, &data_dir(a.data_dir.as_ref()))?;
+    let order = savae_data::epoch_order(0, 0, data.train.len);
+    let mut probe = probe_for(&dev);
+    for &b in &a.batch {
+        anyhow::ensure!(b > 0 && b <= data.train.len, "--batch {b} is out of range");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let x = crate::batch::images(&data.train, &order[..b], &mut rng, DType::F32, &dev)?;
+        for m in &a.modes {
+            let (model_name, grad) = mode_names(m)?;
+            let ks: Vec<usize> = if model_name == "vae" { vec![0] } else { a.k.clone() };
+            for &k in &ks {
+                let cfg = TrainConfig {
+                    model: model_name.into(),
+                    grad: grad.into(),
+                    batch_size: b,
+                    svi_steps: k,
+                    cg_iters: a.cg_iters,
+                    cg_tol: 0.0,
+                    hidden: a.hidden.clone(),
+                    latent_dim: a.latent_dim,
+                    ..TrainConfig::default()
+                };
+                let mode = Mode::from_names(model_name, grad)?;
+                let model = MlpVae::new(&cfg.model_config(), 0, DType::F32, &dev)?;
+                let vars = model.params.vars();
+                let mut adam = Adam::new(&vars, cfg.lr)?;
+                let scfg = step_config(&cfg, 1.0)?;
+                let mut times = Vec::new();
+                let mut cg_mean = None;
+                probe.start()?;
+                for i in 0..a.warmup + a.steps {
+                    let eps = crate::batch::noise(&mut rng, 1, b, a.latent_dim, DType::F32, &dev)?;
+                    dev.synchronize()?;
+                    let t = Instant::now();
+                    let out = train_step(&model, &x, &eps, &scfg)?;
+                    adam.step(&vars, &out.grads)?;
+                    dev.synchronize()?;
+                    if i >= a.warmup {
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                    cg_mean = out.cg.map(|c| c.iters_mean);
+                }
+                let peak = probe.stop()?;
+                times.sort_by(|x, y| x.total_cmp(y));
+                let med = times[times.len() / 2];
+                let line = json!({
+                    "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
+                    "k": if mode.refines() { Some(k) } else { None },
+                    "cg_iters": if mode == Mode::SavaeImplicit { Some(a.cg_iters) } else { None },
+                    "cg_iters_mean": cg_mean,
+                    "median_ms": med, "min_ms": times[0], "examples_per_s": b as f64 / (med / 1e3),
+                    "peak_mem_mib": peak,
+                    "peak_mem_kind": if dev.is_cuda() { "device used (driver), above baseline" } else { "process peak RSS" },
+                    "hidden": a.hidden, "latent_dim": a.latent_dim, "steps": a.steps,
+                });
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}

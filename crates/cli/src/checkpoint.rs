@@ -1,0 +1,172 @@
+//! Checkpoints: safetensors files holding the model, the optimizer state and, in the
+//! metadata key `savae`, a JSON [`CheckpointMeta`] (architecture, position, config).
+//!
+//! Tensor names: `encoder.layers.{i}.weight` `[out, in]`, `encoder.layers.{i}.bias`,
+//! the same under `decoder.`; Adam's moments under `optim.m.<name>` and `optim.v.<name>`.
+//! Writes are atomic: a temporary file in the same folder, fsync, rename, fsync of the
+//! folder — a crash at any moment leaves the previous checkpoint intact.
+
+use crate::adam::Adam;
+use crate::config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use savae_model::{MlpVae, ModelConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// The checkpoint format version this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Position of the run in its data stream: all randomness is a function of
+/// `(seed, epoch, batch)` (see `savae_data::order`), so this is the RNG state too.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RngState {
+    pub seed: u64,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Batches completed in the current epoch (0 at an epoch boundary).
+    pub batch: usize,
+    pub scheme: String,
+}
+
+/// Metadata stored under the safetensors metadata key `savae`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub dataset: String,
+    pub model: ModelConfig,
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub rng: RngState,
+    pub adam_t: u64,
+    pub config: TrainConfig,
+    pub valid_elbo: Option<f64>,
+    pub best_valid_elbo: Option<f64>,
+    pub savae_version: String,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+/// Writes `bytes` to `path` atomically (temp file + fsync + rename + fsync dir).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        let hint = if e.raw_os_error() == Some(28) { " (the disk is full)" } else { "" };
+        bail!("cannot write checkpoint {}{hint}: {e}; the previous checkpoint is intact", path.display());
+    }
+    Ok(())
+}
+
+/// Saves the model, optimizer and metadata to `path` atomically.
+pub fn save(path: &Path, model: &MlpVae, adam: Option<&Adam>, meta: &CheckpointMeta) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, var) in model.params.iter() {
+        tensors.push((name.to_string(), var.as_tensor().to_device(&Device::Cpu)?));
+    }
+    if let Some(adam) = adam {
+        for (i, (name, _)) in model.params.iter().enumerate() {
+            tensors.push((format!("optim.m.{name}"), adam.m[i].to_device(&Device::Cpu)?));
+            tensors.push((format!("optim.v.{name}"), adam.v[i].to_device(&Device::Cpu)?));
+        }
+    }
+    let json = serde_json::to_string(meta)?;
+    let md: HashMap<String, String> = [("savae".to_string(), json)].into();
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(md))
+        .with_context(|| format!("cannot serialize checkpoint {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads and validates a checkpoint file: header, metadata, format version, and that
+/// every tensor is finite. Errors are one line naming the file and the problem.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let p = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {p}"))?;
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("checkpoint {p} is not a valid safetensors file (truncated or corrupt header): {e}"))?;
+    let json = st_meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("savae"))
+        .with_context(|| format!("checkpoint {p} has no `savae` metadata: not written by savae"))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(json).with_context(|| format!("checkpoint {p}: its `savae` metadata is malformed"))?;
+    if meta.format_version != FORMAT_VERSION {
+        bail!(
+            "checkpoint {p} has format version {} but this savae reads version {FORMAT_VERSION}",
+            meta.format_version
+        );
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("checkpoint {p}: cannot read its tensors (truncated or corrupt): {e}"))?;
+    for (name, t) in &tensors {
+        if !matches!(t.dtype(), DType::F32 | DType::F64) {
+            bail!("checkpoint {p}: tensor {name} has dtype {:?}, expected f32 or f64", t.dtype());
+        }
+        let sum = t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            bail!("checkpoint {p}: tensor {name} holds non-finite values");
+        }
+    }
+    Ok(Checkpoint { meta, tensors })
+}
+
+impl Checkpoint {
+    /// Builds the model the checkpoint describes and loads its weights. Refuses extra
+    /// model tensors and names the first missing or mismatched one.
+    pub fn model(&self, path: &Path, dtype: DType, device: &Device) -> Result<MlpVae> {
+        let model = MlpVae::new(&self.meta.model, 0, dtype, device)?;
+        self.load_into(&model, path)?;
+        Ok(model)
+    }
+
+    /// Loads the weights into `model`, whose architecture must match.
+    pub fn load_into(&self, model: &MlpVae, path: &Path) -> Result<()> {
+        let src = path.display().to_string();
+        for name in self.tensors.keys() {
+            if !name.starts_with("optim.") && model.params.get(name).is_none() {
+                bail!("{src}: tensor {name} does not belong to the configured architecture");
+            }
+        }
+        model.params.load_from(&self.tensors, &src)
+    }
+
+    /// Restores Adam's moments (absent moments are an error when `t > 0`).
+    pub fn load_adam(&self, adam: &mut Adam, model: &MlpVae, path: &Path) -> Result<()> {
+        adam.t = self.meta.adam_t;
+        for (i, (name, var)) in model.params.iter().enumerate() {
+            for (kind, slot) in [("m", &mut adam.m[i]), ("v", &mut adam.v[i])] {
+                let key = format!("optim.{kind}.{name}");
+                let t = self.tensors.get(&key).with_context(|| {
+                    format!("{}: optimizer tensor {key} is missing: cannot resume exactly", path.display())
+                })?;
+                if t.dims() != var.dims() {
+                    bail!("{}: optimizer tensor {key} has shape {:?}, expected {:?}", path.display(), t.dims(), var.dims());
+                }
+                *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,336 @@
+//! The training loop: epochs of shuffled mini-batches, a step of the configured mode,
+//! Adam, validation each epoch, `last.safetensors` / `best.safetensors`, and one JSON
+//! line per logged step and per epoch in `RUN_DIR/metrics.jsonl`.
+//!
+//! Exact resume: every random draw is a function of (seed, epoch, batch) and the
+//! checkpoint holds the weights, Adam's state and the position, so a resumed run
+//! computes the same numbers as an uninterrupted one (bit-identical on CPU).
+
+use crate::adam::{clip_global_norm, Adam};
+use crate::batch;
+use crate::checkpoint::{self, CheckpointMeta, RngState, FORMAT_VERSION};
+use crate::config::{TrainConfig, TrainOverrides};
+use crate::eval::{evaluate, EvalOptions};
+use crate::step::{train_step, Mode, StepConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use savae_data::{batch_rng, epoch_order, ImageData, ImageSplit};
+use savae_implicit::{CgConfig, HvpKind};
+use savae_inference::{SviConfig, SviOptimizer};
+use savae_model::MlpVae;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How to run `savae train`.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub overrides: TrainOverrides,
+    pub config_file: Option<PathBuf>,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    pub overwrite: bool,
+    pub device: Device,
+    pub data_dir: PathBuf,
+    pub progress: bool,
+    /// Consecutive non-finite batches tolerated before the run stops.
+    pub max_bad_batches: usize,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainSummary {
+    pub run_dir: PathBuf,
+    pub epochs_done: usize,
+    pub steps: u64,
+    pub last_valid_elbo: Option<f64>,
+    pub best_valid_elbo: Option<f64>,
+    pub seconds: f64,
+    pub skipped_batches: usize,
+}
+
+/// The settings a resumed run may change; any other difference is refused.
+const RESUMABLE_CHANGES: &[&str] = &["epochs", "log_every", "valid_examples"];
+
+fn config_diff(a: &TrainConfig, b: &TrainConfig) -> Vec<String> {
+    let (va, vb) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let mut out = Vec::new();
+    if let (Some(ma), Some(mb)) = (va.as_object(), vb.as_object()) {
+        for (k, x) in ma {
+            let y = mb.get(k).cloned().unwrap_or_default();
+            if *x != y && !RESUMABLE_CHANGES.contains(&k.as_str()) {
+                out.push(format!("{k}: checkpoint has {x}, command line gives {y}"));
+            }
+        }
+    }
+    out
+}
+
+/// The step settings of a config at a given KL weight.
+pub fn step_config(cfg: &TrainConfig, beta: f64) -> Result<StepConfig> {
+    Ok(StepConfig {
+        mode: Mode::from_names(&cfg.model, &cfg.grad)?,
+        beta,
+        svi: svi_config(cfg)?,
+        cg: CgConfig { max_iters: cfg.cg_iters, tol: cfg.cg_tol },
+        damping: cfg.cg_damping,
+        hvp: HvpKind::parse(&cfg.hvp)?,
+        cg_retries: 3,
+    })
+}
+
+pub fn svi_config(cfg: &TrainConfig) -> Result<SviConfig> {
+    Ok(SviConfig {
+        steps: cfg.svi_steps,
+        optimizer: SviOptimizer::parse(&cfg.svi_optimizer, cfg.svi_lr)?,
+        prox: cfg.prox,
+        tol: cfg.svi_tol,
+        batch_size: cfg.batch_size,
+    })
+}
+
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self(f))
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{v}").context("cannot append to metrics.jsonl")?;
+        self.0.flush()?;
+        Ok(())
+    }
+}
+
+/// Resolves the configuration of a new or resumed run and checks the run directory.
+fn resolve_config(opts: &TrainOptions) -> Result<(TrainConfig, Option<checkpoint::Checkpoint>)> {
+    let last = opts.run_dir.join("last.safetensors");
+    let mut requested = TrainConfig::default();
+    if let Some(f) = &opts.config_file {
+        TrainOverrides::from_toml_file(f)?.apply(&mut requested);
+    }
+    opts.overrides.apply(&mut requested);
+    if opts.resume {
+        let ck = checkpoint::load(&last).with_context(|| {
+            format!("--resume {}: no loadable last.safetensors there", opts.run_dir.display())
+        })?;
+        let mut cfg = ck.meta.config.clone();
+        if let Some(f) = &opts.config_file {
+            TrainOverrides::from_toml_file(f)?.apply(&mut cfg);
+        }
+        opts.overrides.apply(&mut cfg);
+        let diff = config_diff(&ck.meta.config, &cfg);
+        if !diff.is_empty() {
+            bail!(
+                "--resume {}: the command line contradicts the checkpoint:\n  {}\n(only --epochs, \
+                 --log-every and --valid-examples may change on resume)",
+                opts.run_dir.display(),
+                diff.join("\n  ")
+            );
+        }
+        cfg.validate()?;
+        return Ok((cfg, Some(ck)));
+    }
+    requested.validate()?;
+    let taken = last.exists() || opts.run_dir.join("metrics.jsonl").exists();
+    if taken && !opts.overwrite {
+        bail!(
+            "--run-dir {} already holds a run: pass --resume to continue it or --overwrite to \
+             replace it",
+            opts.run_dir.display()
+        );
+    }
+    if taken {
+        for f in ["last.safetensors", "best.safetensors", "metrics.jsonl"] {
+            let _ = std::fs::remove_file(opts.run_dir.join(f));
+        }
+    }
+    Ok((requested, None))
+}
+
+fn train_subset(data: &ImageSplit, cfg: &TrainConfig) -> ImageSplit {
+    match cfg.max_train_examples {
+        Some(n) if n < data.len => {
+            let order = epoch_order(cfg.seed, u64::MAX, data.len);
+            data.select(&order[..n])
+        }
+        _ => data.clone(),
+    }
+}
+
+/// Trains as configured; returns the summary. Writes into `opts.run_dir`.
+pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
+    let (cfg, resume_from) = resolve_config(opts)?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("cannot create --run-dir {}", opts.run_dir.display()))?;
+    let mode = Mode::from_names(&cfg.model, &cfg.grad)?;
+    if mode == Mode::SavaeImplicit && cfg.prox == 0.0 {
+        eprintln!(
+            "savae: --prox 0: the refined optimum does not depend on the encoder's λ0, so the \
+             implicit gradient gives the encoder nothing; it trains on its own ELBO at λ0 instead"
+        );
+    }
+    if matches!(mode, Mode::SavaeImplicit | Mode::SavaeUnrolled) {
+        savae_implicit::ensure_second_order()?;
+    }
+    let kind = savae_data::DatasetKind::parse(&cfg.dataset)?;
+    let data = ImageData::load(kind, &opts.data_dir)?;
+    let train_split = train_subset(&data.train, &cfg);
+    let valid = match cfg.valid_examples {
+        Some(n) => data.valid.truncate(n),
+        None => data.valid.clone(),
+    };
+    let device = &opts.device;
+    let dtype = cfg.dtype();
+    let model = MlpVae::new(&cfg.model_config(), cfg.seed, dtype, device)?;
+    let vars = model.params.vars();
+    let mut adam = Adam::new(&vars, cfg.lr)?;
+    let last_path = opts.run_dir.join("last.safetensors");
+    let best_path = opts.run_dir.join("best.safetensors");
+    let (mut epoch, mut step, mut best, mut last_valid) = (0usize, 0u64, None::<f64>, None::<f64>);
+    if let Some(ck) = &resume_from {
+        ck.load_into(&model, &last_path)?;
+        ck.load_adam(&mut adam, &model, &last_path)?;
+        epoch = ck.meta.epoch;
+        step = ck.meta.step;
+        best = ck.meta.best_valid_elbo;
+        last_valid = ck.meta.valid_elbo;
+        eprintln!("savae: resuming {} after epoch {epoch} (step {step})", opts.run_dir.display());
+    }
+    let mut metrics = Metrics::open(&opts.run_dir.join("metrics.jsonl"))?;
+    let t0 = Instant::now();
+    let n = train_split.len;
+    let nb = n.div_ceil(cfg.batch_size);
+    let d = cfg.latent_dim;
+    let mut skipped = 0usize;
+    let mut bad_run = 0usize;
+    let meta = |epoch: usize, step: u64, adam_t: u64, valid: Option<f64>, best: Option<f64>| CheckpointMeta {
+        format_version: FORMAT_VERSION,
+        dataset: cfg.dataset.clone(),
+        model: cfg.model_config(),
+        epoch,
+        step,
+        rng: RngState { seed: cfg.seed, epoch, batch: 0, scheme: "chacha8(splitmix(seed, stream, epoch, batch))".into() },
+        adam_t,
+        config: cfg.clone(),
+        valid_elbo: valid,
+        best_valid_elbo: best,
+        savae_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    while epoch < cfg.epochs {
+        let beta = cfg.beta(epoch);
+        let scfg = step_config(&cfg, beta)?;
+        let order = epoch_order(cfg.seed, epoch as u64, n);
+        let pb = if opts.progress { ProgressBar::new(nb as u64) } else { ProgressBar::hidden() };
+        pb.set_style(ProgressStyle::with_template(&format!(
+            "epoch {}/{} {{bar:25}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}",
+            epoch + 1,
+            cfg.epochs
+        ))?);
+        let te = Instant::now();
+        let (mut sum_loss, mut sum_n) = (0.0, 0usize);
+        for bi in 0..nb {
+            let idx = &order[bi * cfg.batch_size..((bi + 1) * cfg.batch_size).min(n)];
+            let mut rng = batch_rng(cfg.seed, 0, epoch as u64, bi as u64);
+            let x = batch::images(&train_split, idx, &mut rng, dtype, device)?;
+            let eps = batch::noise(&mut rng, cfg.samples, idx.len(), d, dtype, device)?;
+            let ts = Instant::now();
+            let mut out = train_step(&model, &x, &eps, &scfg)?;
+            let gnorm = clip_global_norm(&mut out.grads, cfg.max_grad_norm)?;
+            if !out.loss.is_finite() || !gnorm.is_finite() {
+                skipped += 1;
+                bad_run += 1;
+                pb.suspend(|| {
+                    eprintln!("savae: warning: epoch {} batch {bi}: non-finite loss or gradient, batch skipped", epoch + 1)
+                });
+                metrics.write(json!({"kind": "skip", "epoch": epoch + 1, "batch": bi, "step": step, "loss": out.loss.to_string(), "grad_norm": gnorm.to_string(), "consecutive": bad_run}))?;
+                if bad_run > opts.max_bad_batches {
+                    bail!(
+                        "training stopped: {bad_run} consecutive batches had a non-finite loss or gradient \
+                         (NaN/inf); the last good checkpoint {} is intact — try a smaller --lr or --svi-lr",
+                        last_path.display()
+                    );
+                }
+                continue;
+            }
+            bad_run = 0;
+            adam.step(&vars, &out.grads)?;
+            step += 1;
+            sum_loss += out.loss * idx.len() as f64;
+            sum_n += idx.len();
+            let secs = ts.elapsed().as_secs_f64();
+            let ex_s = idx.len() as f64 / secs.max(1e-9);
+            let mut msg = format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s);
+            if let Some(c) = &out.cg {
+                msg.push_str(&format!(" cg {:.1}it fail {}", c.iters_mean, c.negative_curvature + c.non_finite));
+            }
+            pb.set_message(msg);
+            pb.inc(1);
+            if step % cfg.log_every as u64 == 0 || bi + 1 == nb {
+                metrics.write(json!({
+                    "kind": "step", "epoch": epoch + 1, "batch": bi + 1, "step": step,
+                    "loss": out.loss, "elbo_amortized": out.elbo_amortized, "elbo_refined": out.elbo_refined,
+                    "kl": out.kl, "beta": beta, "grad_norm": gnorm, "examples_per_s": ex_s,
+                    "step_seconds": secs, "svi": out.svi, "cg": out.cg,
+                }))?;
+            }
+        }
+        pb.finish_and_clear();
+        epoch += 1;
+        let eopts = EvalOptions {
+            svi: svi_config(&cfg)?,
+            refine: mode.refines(),
+            iw_samples: 0,
+            elbo_samples: 1,
+            refine_samples: cfg.samples,
+            batch_size: cfg.batch_size,
+            seed: cfg.seed,
+            progress: false,
+        };
+        let v = evaluate(&model, &valid, "valid", &eopts, device)?;
+        let vel = if mode.refines() { v.elbo_refined } else { v.elbo_amortized };
+        last_valid = Some(vel);
+        let improved = best.is_none_or(|b| vel > b);
+        if improved {
+            best = Some(vel);
+        }
+        let m = meta(epoch, step, adam.t, last_valid, best);
+        checkpoint::save(&last_path, &model, Some(&adam), &m)?;
+        if improved {
+            checkpoint::save(&best_path, &model, Some(&adam), &m)?;
+        }
+        let train_elbo = -sum_loss / sum_n.max(1) as f64;
+        metrics.write(json!({
+            "kind": "epoch", "epoch": epoch, "step": step, "beta": beta, "train_elbo": train_elbo,
+            "valid_elbo_amortized": v.elbo_amortized, "valid_elbo_refined": v.elbo_refined,
+            "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
+            "epoch_seconds": te.elapsed().as_secs_f64(), "skipped_batches": skipped, "best": improved,
+        }))?;
+        if opts.progress {
+            eprintln!(
+                "epoch {epoch}/{}: train elbo {train_elbo:.2}, valid elbo {vel:.2} (amortized {:.2}), kl {:.2}, {:.0}s{}",
+                cfg.epochs,
+                v.elbo_amortized,
+                v.kl_refined,
+                te.elapsed().as_secs_f64(),
+                if improved { " *best" } else { "" }
+            );
+        }
+    }
+    Ok(TrainSummary {
+        run_dir: opts.run_dir.clone(),
+        epochs_done: epoch,
+        steps: step,
+        last_valid_elbo: last_valid,
+        best_valid_elbo: best,
+        seconds: t0.elapsed().as_secs_f64(),
+        skipped_batches: skipped,
+    })
+}
