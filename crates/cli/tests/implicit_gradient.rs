@@ -101,3 +101,37 @@ fn finite_difference_hvp_backend_matches_exact() {
     let e = rel_err(&flat(&fd.grads), &flat(&exact.grads));
     assert!(e < 1e-6, "fd vs exact HVP backend: relative error {e}");
 }
+
+#[test]
+fn exact_hvp_matches_finite_differences_on_the_elbo_for_each_activation() {
+    use savae_implicit::{value_and_grad, BatchedOperator, ExactHvp, FdHvp};
+    use savae_model::{elbo, VariationalParams};
+    for act in ["softplus", "tanh", "relu", "elu"] {
+        let (model, x, eps) = setup(act);
+        let dec = model.decoder.detached();
+        let f = |l: &Tensor| Ok(elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 1.0)?.elbo);
+        let lam = Tensor::from_vec((0..12).map(|i| ((i as f64) * 0.61).cos() * 0.5).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+        let v = Tensor::from_vec((0..12).map(|i| ((i as f64) * 1.7).sin()).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+        let vg = value_and_grad(f, &lam).unwrap();
+        let exact = ExactHvp { lambda: vg.lambda, grad: vg.grad }.apply(&v).unwrap();
+        let fd = FdHvp { grad_fn: |l: &Tensor| Ok(value_and_grad(f, l)?.grad.detach()), lambda: lam.clone(), rel_step: 1e-5 }
+            .apply(&v)
+            .unwrap();
+        let e = rel_err(&flat(&[exact]), &flat(&[fd]));
+        assert!(e < 1e-6, "{act}: exact vs fd HVP relative error {e}");
+    }
+}
+
+#[test]
+fn implicit_and_unrolled_agree_in_f32() {
+    let (model, x, eps) = setup("softplus");
+    let m32 = model.to(DType::F32, &Device::Cpu).unwrap();
+    let x32 = x.to_dtype(DType::F32).unwrap();
+    let eps32 = Noise(eps.0.to_dtype(DType::F32).unwrap());
+    let imp = train_step(&m32, &x32, &eps32, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact)).unwrap();
+    let unr = train_step(&m32, &x32, &eps32, &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact)).unwrap();
+    let conv = |o: &savae_cli::step::StepOutput| o.grads.iter().map(|g| g.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>();
+    let e = rel_err(&flat(&conv(&imp)), &flat(&conv(&unr)));
+    assert!(e < 1e-3, "f32 implicit vs unrolled relative error {e}");
+}
+

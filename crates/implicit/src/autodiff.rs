@@ -15,21 +15,23 @@ pub fn enable_second_order() {
     unsafe { std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1") };
 }
 
-/// Checks on this thread that a second backward is exact: d²/dx² x³ at x = 2 must be 12.
+/// Checks on this thread that a second backward is exact: d²/dx² sin²(x) = 2 cos(2x) at
+/// x = 0.7 (a composition, so the detached intermediate gradient would change the result).
 /// Fails with an explanation when candle's second-order mode is not in effect.
 pub fn ensure_second_order() -> Result<()> {
-    let x = Var::new(&[2.0f64], &Device::Cpu)?;
-    let y = x.as_tensor().powf(3.0)?.sum_all()?;
+    let x = Var::new(&[0.7f64], &Device::Cpu)?;
+    let y = x.as_tensor().sin()?.sqr()?.sum_all()?;
     let g = y.backward()?.get(x.as_tensor()).cloned();
+    let want = 2.0 * (1.4f64).cos();
     let second = match g {
         Some(g) => g.sum_all()?.backward()?.get(x.as_tensor()).map(|t| t.to_vec1::<f64>()),
         None => None,
     };
     match second {
-        Some(Ok(v)) if (v[0] - 12.0).abs() < 1e-9 => Ok(()),
+        Some(Ok(v)) if (v[0] - want).abs() < 1e-9 => Ok(()),
         other => bail!(
-            "second-order autodiff is not in effect on this thread (d²x³/dx² at 2 gave {:?}, \
-             expected 12): set CANDLE_GRAD_DO_NOT_DETACH=1 before the thread's first backward \
+            "second-order autodiff is not in effect on this thread (d²sin²x/dx² at 0.7 gave {:?}, \
+             expected {want}): set CANDLE_GRAD_DO_NOT_DETACH=1 before the thread's first backward \
              pass (the savae binary does this itself; library users must do it in main)",
             other.map(|r| r.ok())
         ),

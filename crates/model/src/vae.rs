@@ -5,7 +5,7 @@
 //! The `svi` training mode has no encoder (λ starts at 0).
 
 use crate::{
-    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Mlp, Noise, ParamSet, VariationalParams,
+    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Linear, Mlp, Noise, ParamSet, VariationalParams,
 };
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -77,6 +77,29 @@ impl MlpVae {
         sizes.push(config.input_dim);
         let decoder = Mlp::init(&mut params, "decoder", &sizes, act, &mut rng, dtype, device)?;
         Ok(Self { config: config.clone(), params, encoder, decoder })
+    }
+
+    /// Builds the networks on existing parameters (names as in the checkpoint format).
+    pub fn from_params(config: &ModelConfig, params: ParamSet) -> Result<Self> {
+        let act = Activation::parse(&config.activation)?;
+        let net = |prefix: &str| -> Result<Option<Mlp>> {
+            let mut layers = Vec::new();
+            while let Some(w) = params.get(&format!("{prefix}.layers.{}.weight", layers.len())) {
+                let b = params
+                    .get(&format!("{prefix}.layers.{}.bias", layers.len()))
+                    .ok_or_else(|| anyhow::anyhow!("{prefix}.layers.{}.bias is missing", layers.len()))?;
+                layers.push(Linear { weight: w.as_tensor().clone(), bias: b.as_tensor().clone() });
+            }
+            Ok((!layers.is_empty()).then_some(Mlp { layers, activation: act }))
+        };
+        let encoder = net("encoder")?;
+        let decoder = net("decoder")?.ok_or_else(|| anyhow::anyhow!("the model has no decoder parameters"))?;
+        Ok(Self { config: config.clone(), params, encoder, decoder })
+    }
+
+    /// A copy with every parameter converted to `dtype` on `device`.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_params(&self.config, self.params.to(dtype, device)?)
     }
 
     pub fn latent_dim(&self) -> usize {
