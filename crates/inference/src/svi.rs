@@ -68,8 +68,8 @@ pub struct Refinement {
     /// Examples reset to λ0 because they diverged.
     pub resets: usize,
     /// For the unrolled backward (SGD only, when asked): λ_0..λ_{K−1} and each step's
-    /// per-example clip scale.
-    pub path: Option<Vec<(Tensor, Vec<f64>)>>,
+    /// per-example clip scale `[B, 1]`.
+    pub path: Option<Vec<(Tensor, Tensor)>>,
 }
 
 /// Refines `lambda0` (detached) with `grad_fn: λ ↦ (f(λ): [B], ∇_λ Σ f: [B, n])`.
@@ -85,31 +85,41 @@ pub fn refine(
     let mut lambda = lambda0.clone();
     let mut m = lambda.zeros_like()?;
     let mut v = lambda.zeros_like()?;
-    let mut trace = Vec::with_capacity(cfg.steps);
     let mut path = keep_path.then(Vec::new);
     let scale = 1.0 / cfg.batch_size.max(1) as f64;
     let mut steps = 0;
-    let mut last_norms = vec![f64::INFINITY; nb];
+    // Per-step statistics stay on the device until the end (no host sync per step,
+    // unless early stopping needs the norms).
+    let mut means = Vec::with_capacity(cfg.steps + 1);
+    let mut maxes = Vec::with_capacity(cfg.steps + 1);
+    let mut last_norms_t = None;
     for k in 0..=cfg.steps {
         let (values, g) = grad_fn(&lambda)?;
         let g = if cfg.prox > 0.0 { (g - ((&lambda - &lambda0)? * cfg.prox)?)? } else { g };
-        let norms = row_norms(&g)?;
-        let mean = values.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?;
-        let max_norm = norms.iter().copied().fold(0.0, f64::max);
-        trace.push(SviStep { step: k, mean_objective: mean, max_grad_norm: max_norm });
-        last_norms = norms.clone();
-        if k == cfg.steps || (cfg.tol > 0.0 && norms.iter().all(|&n| n < cfg.tol)) {
+        let norms = g.sqr()?.sum_keepdim(1)?.sqrt()?; // [B, 1]
+        means.push(values.mean_all()?.to_dtype(DType::F64)?);
+        maxes.push(norms.max_all()?.to_dtype(DType::F64)?);
+        let stop = k == cfg.steps
+            || (cfg.tol > 0.0 && {
+                let n = norms.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                n.iter().all(|&x| x < cfg.tol)
+            });
+        last_norms_t = Some(norms.clone());
+        if stop {
             break;
         }
         match cfg.optimizer {
             SviOptimizer::Sgd { lr, momentum, clip } => {
-                let c: Vec<f64> =
-                    norms.iter().map(|&n| if n > clip && n.is_finite() { clip / n } else { 1.0 }).collect();
-                let gs: Vec<f64> = c.iter().map(|c| c * scale).collect();
+                // c_b = min(1, clip / ‖∇F_b‖), scaled by 1/batch size.
+                let c = if clip.is_finite() {
+                    (norms.recip()? * clip)?.clamp(0.0, 1.0)?
+                } else {
+                    norms.ones_like()?
+                };
                 if let Some(p) = path.as_mut() {
-                    p.push((lambda.clone(), c));
+                    p.push((lambda.clone(), c.clone()));
                 }
-                m = ((&m * momentum)? + g.broadcast_mul(&column(&gs, &g)?)?)?;
+                m = ((&m * momentum)? + g.broadcast_mul(&(c * scale)?)?)?;
                 lambda = (&lambda + (&m * lr)?)?;
             }
             SviOptimizer::Adam { lr, beta1, beta2, eps } => {
@@ -123,6 +133,15 @@ pub fn refine(
         }
         steps += 1;
     }
+    let means = Tensor::stack(&means, 0)?.to_vec1::<f64>()?;
+    let maxes = Tensor::stack(&maxes, 0)?.to_vec1::<f64>()?;
+    let trace = (0..means.len())
+        .map(|k| SviStep { step: k, mean_objective: means[k], max_grad_norm: maxes[k] })
+        .collect();
+    let mut last_norms = match last_norms_t {
+        Some(t) => t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        None => vec![f64::NAN; nb],
+    };
     // Reset diverged examples to λ0.
     let bad: Vec<bool> = last_norms.iter().map(|n| !n.is_finite()).collect();
     let lam_ok = row_norms(&lambda)?;

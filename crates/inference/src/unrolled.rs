@@ -13,7 +13,6 @@
 use crate::{Refinement, SviConfig, SviOptimizer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use savae_implicit::column;
 
 /// λ ↦ w ↦ (H_f(λ) w, ∇_θ(wᵀ∇_λ f(λ; θ)) for each θ tensor).
 pub type SecondOrderFn<'a> = dyn Fn(&Tensor, &Tensor) -> Result<(Tensor, Vec<Tensor>)> + 'a;
@@ -48,8 +47,7 @@ pub fn unrolled_backward(
     let mut theta = theta_zeros;
     for (lambda_k, clip) in path.iter().rev() {
         mbar = (&mbar + (&lbar * lr)?)?;
-        let s: Vec<f64> = clip.iter().map(|c| c * scale).collect();
-        let w = mbar.broadcast_mul(&column(&s, &mbar)?)?;
+        let w = mbar.broadcast_mul(&(clip * scale)?)?;
         let (hw, tg) = second_order(lambda_k, &w)?;
         lbar = (&lbar + hw)?;
         if cfg.prox > 0.0 {
