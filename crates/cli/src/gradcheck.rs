@@ -48,6 +48,9 @@ pub struct GradcheckArgs {
     pub seed: u64,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// cpu | cuda | cuda:N (the check runs in f64 on that device).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn flat(ts: &[Tensor]) -> Result<Vec<f64>> {
@@ -74,7 +77,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     if a.examples == 0 || a.svi_steps == 0 || a.prox <= 0.0 {
         bail!("--examples and --svi-steps must be at least 1 and --prox positive");
     }
-    let dev = Device::Cpu;
+    let dev = crate::device::resolve(&a.device)?;
     let (model, dataset) = match &a.checkpoint {
         Some(p) => {
             let ck = checkpoint::load(p)?;
@@ -161,7 +164,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         "final_inner_grad_norm_max": gnorm,
         "rel_err_implicit_vs_fd": e_if, "rel_err_unrolled_vs_fd": e_uf,
         "rel_err_implicit_vs_unrolled": e_iu, "fd_params": checked,
-        "cg": imp.cg, "tol": a.tol, "pass": pass,
+        "cg": imp.cg, "tol": a.tol, "pass": pass, "device": crate::device::name(&dev),
     });
     println!("{report}");
     if let Some(out) = &a.out {
@@ -176,16 +179,17 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
 fn write_out(path: &PathBuf, model: &MlpVae, idx: &[usize], eps: &Noise, imp: &StepOutput, unr: &StepOutput) -> Result<()> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
     let dev = Device::Cpu;
+    let eps = Noise(eps.0.to_device(&dev)?);
     t.insert("batch_indices".into(), Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &dev)?);
     t.insert("eps".into(), eps.0.clone());
-    t.insert("lambda0".into(), imp.lambda0.clone());
+    t.insert("lambda0".into(), imp.lambda0.to_device(&dev)?);
     if let Some(l) = &imp.lambda_refined {
-        t.insert("lambda_star".into(), l.clone());
+        t.insert("lambda_star".into(), l.to_device(&dev)?);
     }
     for ((name, var), (gi, gu)) in model.params.iter().zip(imp.grads.iter().zip(&unr.grads)) {
-        t.insert(name.to_string(), var.as_tensor().clone());
-        t.insert(format!("grad.implicit.{name}"), gi.clone());
-        t.insert(format!("grad.unrolled.{name}"), gu.clone());
+        t.insert(name.to_string(), var.as_tensor().to_device(&dev)?);
+        t.insert(format!("grad.implicit.{name}"), gi.to_device(&dev)?);
+        t.insert(format!("grad.unrolled.{name}"), gu.to_device(&dev)?);
     }
     let bytes = safetensors::serialize(t.iter().map(|(n, v)| (n.as_str(), v)), None)?;
     checkpoint::write_atomic(path, &bytes)

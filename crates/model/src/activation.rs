@@ -2,7 +2,7 @@
 //! differentiable, so second derivatives (Hessian-vector products) work through them.
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -40,8 +40,48 @@ impl Activation {
     }
 }
 
-/// softplus(x) = log(1 + eˣ), computed stably as relu(x) + log(1 + e^{−|x|}).
+/// softplus(x) = log(1 + eˣ), computed stably as max(x, 0) + log1p(e^{−|x|}).
+///
+/// On the CPU one fused pass ([`Softplus`]); elsewhere a composition of candle ops. Both
+/// differentiate to sigmoid(x), itself twice differentiable, so HVPs work through it.
 pub fn softplus(x: &Tensor) -> candle_core::Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    x.relu()? + tail
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(Softplus)
+    } else {
+        let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+        x.relu()? + tail
+    }
+}
+
+/// The fused softplus op: forward in one pass over the data, backward grad · sigmoid(x).
+/// (Eight separate elementwise ops took 5 ms on a [100, 784] batch on 2 CPU cores.)
+pub struct Softplus;
+
+fn sp32(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+fn sp64(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+impl CustomOp1 for Softplus {
+    fn name(&self) -> &'static str {
+        "softplus"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softplus: input must be contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(v[start..end].iter().map(|&x| sp32(x)).collect()),
+            CpuStorage::F64(v) => CpuStorage::F64(v[start..end].iter().map(|&x| sp64(x)).collect()),
+            _ => return Err(candle_core::Error::Msg("softplus: only f32 and f64 are supported".into())),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.mul(&candle_nn::ops::sigmoid(arg)?)?))
+    }
 }
