@@ -46,6 +46,13 @@ pub struct CheckpointMeta {
     pub config: TrainConfig,
     pub valid_elbo: Option<f64>,
     pub best_valid_elbo: Option<f64>,
+    /// Σ loss·examples and examples of the batches done in an interrupted epoch.
+    #[serde(default)]
+    pub epoch_loss_sum: f64,
+    #[serde(default)]
+    pub epoch_examples: usize,
+    #[serde(default)]
+    pub skipped_batches: usize,
     pub savae_version: String,
 }
 

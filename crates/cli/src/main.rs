@@ -105,7 +105,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
         max_bad_batches: a.max_bad_batches,
     };
+    savae_cli::train::install_signal_handler();
     let s = train(&opts)?;
+    if s.interrupted {
+        println!("{}", serde_json::to_string(&s)?);
+        std::process::exit(130);
+    }
     println!("{}", serde_json::to_string(&s)?);
     eprintln!(
         "savae: done — checkpoints in {0}/last.safetensors and {0}/best.safetensors, metrics in \

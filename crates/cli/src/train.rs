@@ -22,6 +22,7 @@ use savae_model::MlpVae;
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// How to run `savae train`.
@@ -49,6 +50,30 @@ pub struct TrainSummary {
     pub best_valid_elbo: Option<f64>,
     pub seconds: f64,
     pub skipped_batches: usize,
+    /// Stopped by Ctrl-C / SIGTERM after saving its position.
+    pub interrupted: bool,
+}
+
+/// Signals received (Ctrl-C / SIGTERM). The first asks the loop to save and stop after the
+/// current step; the second exits at once.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the Ctrl-C / SIGTERM handler (once per process).
+pub fn install_signal_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if SIGNALS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                eprintln!("\nsavae: second interrupt: exiting now (the last checkpoint on disk is intact)");
+                std::process::exit(130);
+            }
+            eprintln!("\nsavae: interrupt: finishing this step, then saving (press Ctrl-C again to exit at once)");
+        });
+    });
+}
+
+fn interrupted() -> bool {
+    SIGNALS.load(Ordering::SeqCst) > 0
 }
 
 /// The settings a resumed run may change; any other difference is refused.
@@ -170,6 +195,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let (cfg, resume_from) = resolve_config(opts)?;
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("cannot create --run-dir {}", opts.run_dir.display()))?;
+    // Temporary files of checkpoint writes that a killed process left behind.
+    if let Ok(entries) = std::fs::read_dir(&opts.run_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') && name.contains(".safetensors.tmp.") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let mode = Mode::from_names(&cfg.model, &cfg.grad)?;
     if mode == Mode::SavaeImplicit && cfg.prox == 0.0 {
         eprintln!(
@@ -195,6 +229,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let last_path = opts.run_dir.join("last.safetensors");
     let best_path = opts.run_dir.join("best.safetensors");
     let (mut epoch, mut step, mut best, mut last_valid) = (0usize, 0u64, None::<f64>, None::<f64>);
+    let (mut start_batch, mut carried_loss, mut carried_n) = (0usize, 0.0f64, 0usize);
+    let mut skipped = 0usize;
     if let Some(ck) = &resume_from {
         ck.load_into(&model, &last_path)?;
         ck.load_adam(&mut adam, &model, &last_path)?;
@@ -202,29 +238,56 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         step = ck.meta.step;
         best = ck.meta.best_valid_elbo;
         last_valid = ck.meta.valid_elbo;
-        eprintln!("savae: resuming {} after epoch {epoch} (step {step})", opts.run_dir.display());
+        start_batch = ck.meta.rng.batch;
+        carried_loss = ck.meta.epoch_loss_sum;
+        carried_n = ck.meta.epoch_examples;
+        skipped = ck.meta.skipped_batches;
+        eprintln!(
+            "savae: resuming {} at epoch {}, batch {start_batch} (step {step})",
+            opts.run_dir.display(),
+            epoch + 1
+        );
     }
     let mut metrics = Metrics::open(&opts.run_dir.join("metrics.jsonl"))?;
     let t0 = Instant::now();
     let n = train_split.len;
     let nb = n.div_ceil(cfg.batch_size);
     let d = cfg.latent_dim;
-    let mut skipped = 0usize;
     let mut bad_run = 0usize;
-    let meta = |epoch: usize, step: u64, adam_t: u64, valid: Option<f64>, best: Option<f64>| CheckpointMeta {
+    let meta = |epoch: usize, batch: usize, step: u64, adam_t: u64, valid: Option<f64>, best: Option<f64>| CheckpointMeta {
         format_version: FORMAT_VERSION,
         dataset: cfg.dataset.clone(),
         model: cfg.model_config(),
         epoch,
         step,
-        rng: RngState { seed: cfg.seed, epoch, batch: 0, scheme: "chacha8(splitmix(seed, stream, epoch, batch))".into() },
+        rng: RngState { seed: cfg.seed, epoch, batch, scheme: "chacha8(splitmix(seed, stream, epoch, batch))".into() },
         adam_t,
         config: cfg.clone(),
         valid_elbo: valid,
         best_valid_elbo: best,
+        epoch_loss_sum: 0.0,
+        epoch_examples: 0,
+        skipped_batches: 0,
         savae_version: env!("CARGO_PKG_VERSION").into(),
     };
     while epoch < cfg.epochs {
+        if interrupted() && start_batch == 0 && last_path.exists() && (epoch > 0 || resume_from.is_some()) {
+            eprintln!(
+                "savae: interrupted after epoch {epoch}: {} holds it; continue with: savae train --run-dir {} --resume",
+                last_path.display(),
+                opts.run_dir.display()
+            );
+            return Ok(TrainSummary {
+                run_dir: opts.run_dir.clone(),
+                epochs_done: epoch,
+                steps: step,
+                last_valid_elbo: last_valid,
+                best_valid_elbo: best,
+                seconds: t0.elapsed().as_secs_f64(),
+                skipped_batches: skipped,
+                interrupted: true,
+            });
+        }
         let beta = cfg.beta(epoch);
         let scfg = step_config(&cfg, beta)?;
         let order = epoch_order(cfg.seed, epoch as u64, n);
@@ -235,8 +298,35 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             cfg.epochs
         ))?);
         let te = Instant::now();
-        let (mut sum_loss, mut sum_n) = (0.0, 0usize);
-        for bi in 0..nb {
+        let (mut sum_loss, mut sum_n) = (carried_loss, carried_n);
+        (carried_loss, carried_n) = (0.0, 0);
+        pb.set_position(start_batch as u64);
+        for bi in start_batch..nb {
+            if bi > start_batch && interrupted() {
+                pb.finish_and_clear();
+                let mut m = meta(epoch, bi, step, adam.t, last_valid, best);
+                m.epoch_loss_sum = sum_loss;
+                m.epoch_examples = sum_n;
+                m.skipped_batches = skipped;
+                checkpoint::save(&last_path, &model, Some(&adam), &m)?;
+                metrics.write(json!({"kind": "interrupt", "epoch": epoch + 1, "batch": bi, "step": step}))?;
+                eprintln!(
+                    "savae: interrupted at epoch {}, batch {bi}: saved {}; continue with: savae train --run-dir {} --resume",
+                    epoch + 1,
+                    last_path.display(),
+                    opts.run_dir.display()
+                );
+                return Ok(TrainSummary {
+                    run_dir: opts.run_dir.clone(),
+                    epochs_done: epoch,
+                    steps: step,
+                    last_valid_elbo: last_valid,
+                    best_valid_elbo: best,
+                    seconds: t0.elapsed().as_secs_f64(),
+                    skipped_batches: skipped,
+                    interrupted: true,
+                });
+            }
             let idx = &order[bi * cfg.batch_size..((bi + 1) * cfg.batch_size).min(n)];
             let mut rng = batch_rng(cfg.seed, 0, epoch as u64, bi as u64);
             let x = batch::images(&train_split, idx, &mut rng, dtype, device)?;
@@ -283,6 +373,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
         }
         pb.finish_and_clear();
+        start_batch = 0;
         epoch += 1;
         let eopts = EvalOptions {
             svi: svi_config(&cfg)?,
@@ -301,7 +392,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         if improved {
             best = Some(vel);
         }
-        let m = meta(epoch, step, adam.t, last_valid, best);
+        let mut m = meta(epoch, 0, step, adam.t, last_valid, best);
+        m.skipped_batches = skipped;
         checkpoint::save(&last_path, &model, Some(&adam), &m)?;
         if improved {
             checkpoint::save(&best_path, &model, Some(&adam), &m)?;
@@ -332,5 +424,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         best_valid_elbo: best,
         seconds: t0.elapsed().as_secs_f64(),
         skipped_batches: skipped,
+        interrupted: false,
     })
 }
