@@ -74,7 +74,7 @@ impl Default for TrainConfig {
             hvp: "exact".into(),
             samples: 1,
             kl_start: 0.1,
-            kl_warmup_epochs: 10,
+            kl_warmup_epochs: 2,
             max_grad_norm: 5.0,
             seed: 1,
             dtype: "f32".into(),
@@ -90,73 +90,73 @@ impl Default for TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainOverrides {
     /// mnist (static binarization) or mnist-dynamic.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dataset: Option<String>,
     /// vae | svi | vae-svi | savae.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub model: Option<String>,
     /// Gradient through the refinement for --model savae: implicit | unrolled.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grad: Option<String>,
     /// Total number of epochs.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub batch_size: Option<usize>,
     /// Adam learning rate of the model.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub latent_dim: Option<usize>,
     /// Hidden layer sizes, comma separated (encoder order; the decoder mirrors them).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
     pub hidden: Option<Vec<usize>>,
     /// softplus | tanh | relu | elu.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub activation: Option<String>,
     /// SVI refinement steps K.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub svi_steps: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub svi_lr: Option<f64>,
     /// sgd (momentum 0.5, clip 5, on the batch-mean loss) | adam.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub svi_optimizer: Option<String>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub svi_tol: Option<f64>,
     /// Proximal weight γ: refine F(λ) = ELBO(λ) − γ/2 ‖λ − λ0‖².
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub prox: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cg_iters: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cg_tol: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub cg_damping: Option<f64>,
     /// Hessian-vector products: exact | fd.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub hvp: Option<String>,
     /// Noise samples S per ELBO estimate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub samples: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub kl_start: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub kl_warmup_epochs: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_grad_norm: Option<f64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// f32 | f64.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dtype: Option<String>,
     /// Train on the first N examples of the shuffled training split only.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_train_examples: Option<usize>,
     /// Validation examples evaluated each epoch.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub valid_examples: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub log_every: Option<usize>,
 }
 

@@ -254,6 +254,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let nb = n.div_ceil(cfg.batch_size);
     let d = cfg.latent_dim;
     let mut bad_run = 0usize;
+    // Testing hook: SAVAE_INJECT_NAN_FROM_STEP=N makes every loss from step N on NaN.
+    let inject_nan_from: Option<u64> =
+        std::env::var("SAVAE_INJECT_NAN_FROM_STEP").ok().and_then(|v| v.parse().ok());
     let meta = |epoch: usize, batch: usize, step: u64, adam_t: u64, valid: Option<f64>, best: Option<f64>| CheckpointMeta {
         format_version: FORMAT_VERSION,
         dataset: cfg.dataset.clone(),
@@ -299,6 +302,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         ))?);
         let te = Instant::now();
         let (mut sum_loss, mut sum_n) = (carried_loss, carried_n);
+        // Per-epoch totals of the numerical-fault counters.
+        let (mut n_resets, mut n_negcurv, mut n_nonfinite, mut n_retried, mut n_fallbacks) = (0usize, 0usize, 0usize, 0usize, 0usize);
         (carried_loss, carried_n) = (0.0, 0);
         pb.set_position(start_batch as u64);
         for bi in start_batch..nb {
@@ -333,6 +338,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let eps = batch::noise(&mut rng, cfg.samples, idx.len(), d, dtype, device)?;
             let ts = Instant::now();
             let mut out = train_step(&model, &x, &eps, &scfg)?;
+            if inject_nan_from.is_some_and(|n| step >= n) {
+                out.loss = f64::NAN; // fault injection for the reliability tests
+            }
             let gnorm = clip_global_norm(&mut out.grads, cfg.max_grad_norm)?;
             if !out.loss.is_finite() || !gnorm.is_finite() {
                 skipped += 1;
@@ -351,6 +359,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 continue;
             }
             bad_run = 0;
+            if let Some(sv) = &out.svi {
+                n_resets += sv.resets;
+            }
+            if let Some(c) = &out.cg {
+                n_negcurv += c.negative_curvature;
+                n_nonfinite += c.non_finite;
+                n_retried += c.retried;
+                n_fallbacks += c.fallbacks;
+            }
             adam.step(&vars, &out.grads)?;
             step += 1;
             sum_loss += out.loss * idx.len() as f64;
@@ -404,6 +421,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             "valid_elbo_amortized": v.elbo_amortized, "valid_elbo_refined": v.elbo_refined,
             "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
             "epoch_seconds": te.elapsed().as_secs_f64(), "skipped_batches": skipped, "best": improved,
+            "svi_resets": n_resets, "cg_negative_curvature": n_negcurv, "cg_non_finite": n_nonfinite,
+            "cg_retried": n_retried, "cg_fallbacks": n_fallbacks,
         }))?;
         if opts.progress {
             eprintln!(
