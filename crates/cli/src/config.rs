@@ -32,6 +32,12 @@ pub struct TrainConfig {
     pub cg_iters: usize,
     pub cg_tol: f64,
     pub cg_damping: f64,
+    /// Damped re-solves of examples whose CG hit negative curvature (0: fall back at once).
+    #[serde(default)]
+    pub cg_retries: usize,
+    /// ‖∇F(λ_K)‖ above which an example is not stationary and takes the identity fallback.
+    #[serde(default = "default_stationarity_tol")]
+    pub stationarity_tol: f64,
     /// exact | fd
     pub hvp: String,
     /// Noise samples S per ELBO estimate.
@@ -51,19 +57,23 @@ pub struct TrainConfig {
     pub log_every: usize,
 }
 
+fn default_stationarity_tol() -> f64 {
+    1.0
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
             model: "savae".into(),
             grad: "implicit".into(),
-            epochs: 5,
+            epochs: 4,
             batch_size: 100,
             lr: 1e-3,
             latent_dim: 32,
             hidden: vec![512, 512],
             activation: "softplus".into(),
-            svi_steps: 5,
+            svi_steps: 10,
             svi_lr: 1.0,
             svi_optimizer: "sgd".into(),
             svi_tol: 0.0,
@@ -71,6 +81,8 @@ impl Default for TrainConfig {
             cg_iters: 10,
             cg_tol: 1e-4,
             cg_damping: 0.0,
+            cg_retries: 0,
+            stationarity_tol: default_stationarity_tol(),
             hvp: "exact".into(),
             samples: 1,
             kl_start: 0.1,
@@ -133,6 +145,12 @@ pub struct TrainOverrides {
     pub cg_tol: Option<f64>,
     #[arg(long, allow_negative_numbers = true)]
     pub cg_damping: Option<f64>,
+    /// Damped re-solves after negative curvature before the fallback.
+    #[arg(long, allow_negative_numbers = true)]
+    pub cg_retries: Option<usize>,
+    /// ‖∇F(λ_K)‖ above which an example's implicit gradient is not trusted.
+    #[arg(long, allow_negative_numbers = true)]
+    pub stationarity_tol: Option<f64>,
     /// Hessian-vector products: exact | fd.
     #[arg(long, allow_negative_numbers = true)]
     pub hvp: Option<String>,
@@ -179,7 +197,7 @@ impl TrainOverrides {
     pub fn apply(&self, cfg: &mut TrainConfig) {
         merge_fields!(cfg, self;
             dataset, model, grad, epochs, batch_size, lr, latent_dim, hidden, activation,
-            svi_steps, svi_lr, svi_optimizer, svi_tol, prox, cg_iters, cg_tol, cg_damping, hvp,
+            svi_steps, svi_lr, svi_optimizer, svi_tol, prox, cg_iters, cg_tol, cg_damping, cg_retries, stationarity_tol, hvp,
             samples, kl_start, kl_warmup_epochs, max_grad_norm, seed, dtype, log_every;
             max_train_examples, valid_examples);
     }
@@ -230,6 +248,7 @@ impl TrainConfig {
             ("--prox", self.prox),
             ("--cg-tol", self.cg_tol),
             ("--cg-damping", self.cg_damping),
+            ("--stationarity-tol", self.stationarity_tol),
             ("--svi-tol", self.svi_tol),
             ("--max-grad-norm", self.max_grad_norm),
         ] {

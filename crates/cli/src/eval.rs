@@ -47,6 +47,15 @@ pub struct EvalReport {
     pub active_units: usize,
     pub active_units_amortized: usize,
     pub svi_resets: usize,
+    /// Per-example ELBO at λ0 (file order), for the report's amortization-gap histogram.
+    #[serde(skip)]
+    pub per_example_amortized: Vec<f64>,
+    /// Per-example ELBO at the refined λ.
+    #[serde(skip)]
+    pub per_example_refined: Vec<f64>,
+    /// Refined posterior means μ, one row per example.
+    #[serde(skip)]
+    pub refined_means: Vec<Vec<f64>>,
 }
 
 fn count_active(mus: &[Vec<f64>], d: usize) -> usize {
@@ -82,6 +91,7 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
     let mut resets = 0;
     let mut steps = 0;
     let (mut mus0, mut musr) = (Vec::new(), Vec::new());
+    let (mut pe0, mut per) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for bi in 0..nb {
         let idx: Vec<usize> = (bi * opts.batch_size..((bi + 1) * opts.batch_size).min(n)).collect();
         let b = idx.len();
@@ -106,6 +116,8 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
         let t0 = elbo(&dec_det, &x, &lambda0, &eps, 1.0)?;
         let tr = elbo(&dec_det, &x, &lambda, &eps, 1.0)?;
         let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+        pe0.extend(t0.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+        per.extend(tr.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         s_e0 += sum(&t0.elbo)?;
         s_er += sum(&tr.elbo)?;
         s_k0 += sum(&gaussian_kl(&lambda0)?)?;
@@ -153,10 +165,76 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
         active_units: count_active(&musr, d),
         active_units_amortized: count_active(&mus0, d),
         svi_resets: resets,
+        per_example_amortized: pe0,
+        per_example_refined: per,
+        refined_means: musr,
     })
 }
 
 /// Whether a mode's reported ELBO is the refined one.
 pub fn uses_refinement(mode: Mode) -> bool {
     mode.refines()
+}
+
+/// What `savae eval` (and `savae report`) evaluate: a checkpoint on a split.
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    pub checkpoint: std::path::PathBuf,
+    pub split: String,
+    pub iw_samples: usize,
+    pub svi_steps: Option<usize>,
+    pub max_examples: Option<usize>,
+    pub elbo_samples: usize,
+    pub batch_size: Option<usize>,
+    pub seed: u64,
+    pub data_dir: std::path::PathBuf,
+    pub progress: bool,
+}
+
+/// The loaded pieces of an evaluation, for callers that draw from them.
+pub struct Evaluated {
+    pub report: EvalReport,
+    /// The JSON `savae eval` prints.
+    pub json: serde_json::Value,
+    pub model: MlpVae,
+    pub split: ImageSplit,
+    pub meta: crate::checkpoint::CheckpointMeta,
+    pub options: EvalOptions,
+}
+
+/// Loads the checkpoint and data and evaluates as requested.
+pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluated> {
+    let ck = crate::checkpoint::load(&req.checkpoint)?;
+    let cfg = ck.meta.config.clone();
+    let model = ck.model(&req.checkpoint, cfg.dtype(), device)?;
+    let kind = savae_data::DatasetKind::parse(&ck.meta.dataset)?;
+    let data = savae_data::ImageData::load(kind, &req.data_dir)?;
+    let split = savae_data::Split::parse(&req.split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
+    let mut s = data.split(split).clone();
+    if let Some(n) = req.max_examples {
+        anyhow::ensure!(n > 0, "--max-examples must be at least 1");
+        s = s.truncate(n);
+    }
+    let mut svi = crate::train::svi_config(&cfg)?;
+    if let Some(k) = req.svi_steps {
+        svi.steps = k;
+    }
+    let bs = req.batch_size.unwrap_or(cfg.batch_size);
+    anyhow::ensure!(bs > 0, "--batch-size must be at least 1");
+    let options = EvalOptions {
+        svi,
+        refine: svi.steps > 0,
+        iw_samples: req.iw_samples,
+        elbo_samples: req.elbo_samples.max(1),
+        refine_samples: cfg.samples,
+        batch_size: bs,
+        seed: req.seed,
+        progress: req.progress,
+    };
+    let report = evaluate(&model, &s, split.name(), &options, device)?;
+    let mut json = serde_json::to_value(&report)?;
+    json["checkpoint"] = serde_json::json!(req.checkpoint.display().to_string());
+    json["dataset"] = serde_json::json!(ck.meta.dataset);
+    json["epoch"] = serde_json::json!(ck.meta.epoch);
+    Ok(Evaluated { report, json, model, split: s, meta: ck.meta, options })
 }

@@ -117,6 +117,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         damping: 0.0,
         hvp: HvpKind::Exact,
         cg_retries: 3,
+        stationarity_tol: f64::INFINITY,
     };
     let imp = train_step(&model, &x, &eps, &cfg(Mode::SavaeImplicit))?;
     let unr = train_step(&model, &x, &eps, &cfg(Mode::SavaeUnrolled))?;

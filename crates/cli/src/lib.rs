@@ -11,3 +11,4 @@ pub mod eval;
 pub mod train;
 pub mod bench;
 pub mod gradcheck;
+pub mod report;

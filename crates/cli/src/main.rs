@@ -1,14 +1,15 @@
 //! `savae`: train, evaluate, check and benchmark semi-amortized VAEs.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use savae_cli::{
-    bench, checkpoint,
-    config::{data_dir, TrainConfig, TrainOverrides},
+    bench,
+    config::{data_dir, TrainOverrides},
     device,
-    eval::{evaluate, EvalOptions},
+    eval::{evaluate_checkpoint, EvalRequest},
     gradcheck,
-    train::{svi_config, train, TrainOptions},
+    report,
+    train::{train, TrainOptions},
 };
 use std::path::PathBuf;
 
@@ -29,6 +30,8 @@ enum Command {
     Gradcheck(gradcheck::GradcheckArgs),
     /// Time training steps of each mode (JSON lines).
     Bench(bench::BenchArgs),
+    /// Draw a run: training curves, reconstructions, samples, traversals, amortization gap.
+    Report(report::ReportArgs),
 }
 
 #[derive(clap::Args)]
@@ -122,42 +125,20 @@ fn run_train(a: TrainArgs) -> Result<()> {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let dev = device::resolve(&a.device)?;
-    let ck = checkpoint::load(&a.checkpoint)?;
-    let cfg: TrainConfig = ck.meta.config.clone();
-    let model = ck.model(&a.checkpoint, cfg.dtype(), &dev)?;
-    let kind = savae_data::DatasetKind::parse(&ck.meta.dataset)?;
-    let data = savae_data::ImageData::load(kind, &data_dir(a.data_dir.as_ref()))?;
-    let split = savae_data::Split::parse(&a.split).context("--split")?;
-    let mut s = data.split(split).clone();
-    if let Some(n) = a.max_examples {
-        anyhow::ensure!(n > 0, "--max-examples must be at least 1");
-        s = s.truncate(n);
-    }
-    let mut svi = svi_config(&cfg)?;
-    if let Some(k) = a.svi_steps {
-        svi.steps = k;
-    }
-    let bs = a.batch_size.unwrap_or(cfg.batch_size);
-    anyhow::ensure!(bs > 0, "--batch-size must be at least 1");
-    let opts = EvalOptions {
-        svi,
-        refine: svi.steps > 0,
+    let req = EvalRequest {
+        checkpoint: a.checkpoint,
+        split: a.split,
         iw_samples: a.iw_samples,
-        elbo_samples: a.elbo_samples.max(1),
-        refine_samples: cfg.samples,
-        batch_size: bs,
+        svi_steps: a.svi_steps,
+        max_examples: a.max_examples,
+        elbo_samples: a.elbo_samples,
+        batch_size: a.batch_size,
         seed: a.seed,
+        data_dir: data_dir(a.data_dir.as_ref()),
         progress: !a.quiet,
     };
-    if svi.steps > 0 && matches!(cfg.model.as_str(), "savae") {
-        savae_implicit::ensure_second_order()?;
-    }
-    let r = evaluate(&model, &s, split.name(), &opts, &dev)?;
-    let mut v = serde_json::to_value(&r)?;
-    v["checkpoint"] = serde_json::json!(a.checkpoint.display().to_string());
-    v["dataset"] = serde_json::json!(ck.meta.dataset);
-    v["epoch"] = serde_json::json!(ck.meta.epoch);
-    println!("{v}");
+    let e = evaluate_checkpoint(&req, &dev)?;
+    println!("{}", e.json);
     Ok(())
 }
 
@@ -173,6 +154,7 @@ fn main() {
         Command::Eval(a) => run_eval(a),
         Command::Gradcheck(a) => gradcheck::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Report(a) => report::run(a),
     };
     if let Err(e) = r {
         eprintln!("savae: error: {e:#}");

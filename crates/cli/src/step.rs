@@ -60,6 +60,9 @@ pub struct StepConfig {
     pub hvp: HvpKind,
     /// Damped re-solves before the steepest-descent fallback (see savae_implicit::adjoint).
     pub cg_retries: usize,
+    /// Examples whose ‖∇F(λ_K)‖ exceeds this are not stationary: the implicit gradient
+    /// does not apply to them and they take the adjoint's identity fallback.
+    pub stationarity_tol: f64,
 }
 
 /// Refinement diagnostics of a step.
@@ -84,6 +87,8 @@ pub struct CgStats {
     pub non_finite: usize,
     pub retried: usize,
     pub fallbacks: usize,
+    /// Examples not stationary at λ_K (‖∇F‖ > stationarity_tol): identity fallback.
+    pub not_stationary: usize,
 }
 
 /// The outcome of one step.
@@ -252,6 +257,8 @@ fn savae_step(
         (ug.lambda0_grad, None)
     } else {
         let gamma = cfg.svi.prox;
+        let untrusted: Vec<bool> =
+            r.final_grad_norm.iter().map(|&n| !(n.is_finite() && n <= cfg.stationarity_tol)).collect();
         // HVPs on a graph without parameter gradients (cheaper backward passes).
         let sol = match cfg.hvp {
             HvpKind::Exact => {
@@ -260,7 +267,7 @@ fn savae_step(
                     &r.lambda,
                 )?;
                 let op = ExactHvp { lambda: det.lambda, grad: det.grad };
-                solve_adjoint(&op as &dyn BatchedOperator, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries)?
+                solve_adjoint(&op as &dyn BatchedOperator, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries, &untrusted)?
             }
             HvpKind::FiniteDifference => {
                 let op = FdHvp {
@@ -268,11 +275,11 @@ fn savae_step(
                     lambda: r.lambda.clone(),
                     rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
                 };
-                solve_adjoint(&op, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries)?
+                solve_adjoint(&op, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries, &untrusted)?
             }
         };
         let mixed = match cfg.hvp {
-            HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u, &dec_refs)?,
+            HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
             HvpKind::FiniteDifference => {
                 let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
                     let vg = value_and_grad(
@@ -285,7 +292,7 @@ fn savae_step(
                         .collect())
                 };
                 let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype());
-                mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u, rel)?
+                mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u_solved, rel)?
             }
         };
         add_into(&mut grads, model, "decoder.", mixed)?;
@@ -300,6 +307,7 @@ fn savae_step(
             non_finite: rep.count(savae_implicit::CgStatus::NonFinite),
             retried: sol.retried,
             fallbacks: sol.fallbacks,
+            not_stationary: sol.untrusted,
         };
         (sol.lambda0_grad, Some(stats))
     };

@@ -102,7 +102,8 @@ pub fn step_config(cfg: &TrainConfig, beta: f64) -> Result<StepConfig> {
         cg: CgConfig { max_iters: cfg.cg_iters, tol: cfg.cg_tol },
         damping: cfg.cg_damping,
         hvp: HvpKind::parse(&cfg.hvp)?,
-        cg_retries: 3,
+        cg_retries: cfg.cg_retries,
+        stationarity_tol: cfg.stationarity_tol,
     })
 }
 
@@ -304,6 +305,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let (mut sum_loss, mut sum_n) = (carried_loss, carried_n);
         // Per-epoch totals of the numerical-fault counters.
         let (mut n_resets, mut n_negcurv, mut n_nonfinite, mut n_retried, mut n_fallbacks) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut n_not_stationary = 0usize;
         (carried_loss, carried_n) = (0.0, 0);
         pb.set_position(start_batch as u64);
         for bi in start_batch..nb {
@@ -367,6 +369,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 n_nonfinite += c.non_finite;
                 n_retried += c.retried;
                 n_fallbacks += c.fallbacks;
+                n_not_stationary += c.not_stationary;
             }
             adam.step(&vars, &out.grads)?;
             step += 1;
@@ -422,7 +425,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
             "epoch_seconds": te.elapsed().as_secs_f64(), "skipped_batches": skipped, "best": improved,
             "svi_resets": n_resets, "cg_negative_curvature": n_negcurv, "cg_non_finite": n_nonfinite,
-            "cg_retried": n_retried, "cg_fallbacks": n_fallbacks,
+            "cg_retried": n_retried, "cg_fallbacks": n_fallbacks, "not_stationary": n_not_stationary,
         }))?;
         if opts.progress {
             eprintln!(

@@ -40,6 +40,7 @@ fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
         damping: 0.0,
         hvp,
         cg_retries: 3,
+        stationarity_tol: f64::INFINITY,
     }
 }
 

@@ -4,7 +4,11 @@
 //! solve failed (negative curvature or non-finite): retry with ten times more damping,
 //! up to `retries` times (δ_r = 10^r (γ + δ)); an example that still fails gets the
 //! steepest-descent approximation u = g / (γ + δ_r) (H taken as 0), and is counted in
-//! [`AdjointSolution::fallbacks`]. No example ever returns a zero or NaN u silently.
+//! [`AdjointSolution::fallbacks`]. Examples the caller marks as untrusted (their inner
+//! problem is not stationary, so the implicit function theorem does not apply) skip the
+//! solve and take that fallback directly: ∂L/∂λ0 = γ/(γ+δ) g, i.e. the refinement is
+//! treated as the identity. Fallback examples contribute no mixed term (see
+//! [`AdjointSolution::u_solved`]). No example ever returns a zero or NaN u silently.
 
 use crate::{
     batched_cg, column,
@@ -27,6 +31,12 @@ pub struct AdjointSolution {
     pub retried: usize,
     /// Examples that ended on the steepest-descent fallback.
     pub fallbacks: usize,
+    /// Examples skipped because the caller did not trust their optimum.
+    pub untrusted: usize,
+    /// u with the rows of fallback examples (untrusted or failed) set to zero: use it for
+    /// the mixed term ∇_θ(uᵀ∇_λ f), which has no meaning away from an optimum (there it
+    /// pushes θ to grow ‖∇_λ f‖ and feeds back into divergence).
+    pub u_solved: Tensor,
 }
 
 /// Solves the adjoint system for `g = ∇_λ L: [B, n]` with Hessian-vector products `hvp`.
@@ -37,13 +47,22 @@ pub fn solve_adjoint(
     damping: f64,
     cfg: &CgConfig,
     retries: usize,
+    untrusted: &[bool],
 ) -> Result<AdjointSolution> {
     let shift = gamma + damping;
     let op = ShiftedNegHessian { hvp, shift };
-    let (mut u, report) = batched_cg(&op, g, cfg)?;
     let nb = g.dim(0)?;
+    let skip: Vec<bool> = (0..nb).map(|i| untrusted.get(i).copied().unwrap_or(false)).collect();
+    let n_untrusted = skip.iter().filter(|&&s| s).count();
+    let rhs = if n_untrusted > 0 {
+        let keep: Vec<f64> = skip.iter().map(|&s| if s { 0.0 } else { 1.0 }).collect();
+        g.broadcast_mul(&column(&keep, g)?)?
+    } else {
+        g.clone()
+    };
+    let (mut u, report) = batched_cg(&op, &rhs, cfg)?;
     let mut failed: Vec<bool> = report.status.iter().map(|s| s.failed()).collect();
-    let retried = failed.iter().filter(|&&f| f).count();
+    let retried = if retries > 0 { failed.iter().filter(|&&f| f).count() } else { 0 };
     let mut last_shift = shift;
     let base = if shift > 0.0 { shift } else { 1.0 };
     for r in 1..=retries {
@@ -63,10 +82,14 @@ pub fn solve_adjoint(
         }
     }
     let fallbacks = failed.iter().filter(|&&f| f).count();
-    if fallbacks > 0 {
-        let w: Vec<f64> = failed.iter().map(|&f| if f { 1.0 / last_shift } else { 0.0 }).collect();
+    let keep: Vec<f64> = (0..nb).map(|i| if skip[i] || failed[i] { 0.0 } else { 1.0 }).collect();
+    let u_solved = u.broadcast_mul(&column(&keep, g)?)?;
+    if fallbacks + n_untrusted > 0 {
+        let w: Vec<f64> = (0..nb)
+            .map(|i| if skip[i] { 1.0 / base } else if failed[i] { 1.0 / last_shift } else { 0.0 })
+            .collect();
         u = (&u + g.broadcast_mul(&column(&w, g)?)?)?;
     }
     let lambda0_grad = (&u * gamma)?;
-    Ok(AdjointSolution { u, lambda0_grad, report, retried, fallbacks })
+    Ok(AdjointSolution { u, lambda0_grad, report, retried, fallbacks, untrusted: n_untrusted, u_solved })
 }

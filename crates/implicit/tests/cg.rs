@@ -85,7 +85,7 @@ impl BatchedOperator for Hess {
 fn adjoint_fallback_damps_failed_examples_and_counts_them() {
     let h = Hess(vec![vec![-1.0, 0.0, 0.0, 3.0], vec![-2.0, 0.0, 0.0, -1.0]]);
     let g = rows(&[&[1.0, 1.0], &[1.0, 1.0]]);
-    let sol = solve_adjoint(&h, &g, 1.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 3).unwrap();
+    let sol = solve_adjoint(&h, &g, 1.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 3, &[]).unwrap();
     assert_eq!(sol.report.status[0], CgStatus::NegativeCurvature);
     assert_eq!(sol.retried, 1);
     assert_eq!(sol.fallbacks, 0);
@@ -102,8 +102,20 @@ fn adjoint_fallback_damps_failed_examples_and_counts_them() {
 fn adjoint_falls_back_to_steepest_descent_when_damping_does_not_help() {
     let h = Hess(vec![vec![f64::NAN, 0.0, 0.0, 1.0]]);
     let g = rows(&[&[1.0, 2.0]]);
-    let sol = solve_adjoint(&h, &g, 2.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 2).unwrap();
+    let sol = solve_adjoint(&h, &g, 2.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 2, &[]).unwrap();
     assert_eq!(sol.fallbacks, 1);
     let u = sol.u.to_vec2::<f64>().unwrap();
     assert!((u[0][0] - 1.0 / 200.0).abs() < 1e-15 && (u[0][1] - 2.0 / 200.0).abs() < 1e-15, "{u:?}");
+}
+
+#[test]
+fn untrusted_examples_skip_the_solve_and_take_the_identity_fallback() {
+    let h = Hess(vec![vec![-1.0, 0.0, 0.0, 3.0], vec![-2.0, 0.0, 0.0, -1.0]]);
+    let g = rows(&[&[1.0, 1.0], &[1.0, 1.0]]);
+    let sol = solve_adjoint(&h, &g, 2.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 0, &[true, false]).unwrap();
+    assert_eq!((sol.untrusted, sol.fallbacks, sol.retried), (1, 0, 0));
+    let l0 = sol.lambda0_grad.to_vec2::<f64>().unwrap();
+    assert_eq!(l0[0], vec![1.0, 1.0], "γ u = g for an untrusted example");
+    // Example 1 solved exactly: (2I − H) u = g → u = [1/4, 1/3], γu = [1/2, 2/3].
+    assert!((l0[1][0] - 0.5).abs() < 1e-12 && (l0[1][1] - 2.0 / 3.0).abs() < 1e-12, "{l0:?}");
 }
