@@ -37,11 +37,18 @@ paths = [p["manifest_path"] for p in meta["packages"] if p["name"] == "cudarc"]
 print(paths[0].rsplit("/", 1)[0])
 PY
 )
-grep -rhoE "pub fn (cu|nvrtc|curand|cublas)[A-Za-z0-9_]*" "$CUDARC/src" | sed 's/pub fn //' | sort -u \
-  | sed 's/.*/void &(void) {}/' > "$STUBS/stubs.c"
-for pair in cuda:libcuda.so.1 nvrtc:libnvrtc.so.13 curand:libcurand.so.10 cublas:libcublas.so.13 cublasLt:libcublasLt.so.13; do
-  gcc -shared -fPIC -o "$STUBS/lib${pair%%:*}.so" -Wl,-soname,"${pair#*:}" "$STUBS/stubs.c"
-done
+grep -rhoE "\bfn (cu|nvrtc|curand|cublas)[A-Za-z0-9_]*" "$CUDARC/src" | sed 's/^fn //' | sort -u > "$STUBS/symbols.txt"
+# One stub per library, each with that library's functions, so that every one is NEEDED.
+stub() { # name soname pattern [exclude]
+  grep -E "$3" "$STUBS/symbols.txt" | { if [ -n "${4:-}" ]; then grep -vE "$4"; else cat; fi; } \
+    | sed 's/.*/void &(void) {}/' > "$STUBS/$1.c"
+  gcc -shared -fPIC -o "$STUBS/lib$1.so" -Wl,-soname,"$2" "$STUBS/$1.c"
+}
+stub cublasLt libcublasLt.so.13 '^cublasLt'
+stub cublas libcublas.so.13 '^cublas' '^cublasLt'
+stub curand libcurand.so.10 '^curand'
+stub nvrtc libnvrtc.so.13 '^nvrtc'
+stub cuda libcuda.so.1 '^cu' '^(cublas|curand)'
 export LIBRARY_PATH=$STUBS
 cargo build --release --features cuda -p savae-cli --target-dir target/cuda
 BIN=$PWD/target/cuda/release/savae

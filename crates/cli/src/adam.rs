@@ -22,8 +22,19 @@ pub struct Adam {
 
 impl Adam {
     pub fn new(vars: &[Var], lr: f64) -> Result<Self> {
-        let m = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, t: 0, v: m.clone(), m })
+        let m = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 0,
+            v: m.clone(),
+            m,
+        })
     }
 
     /// One update of `vars` with `grads` (same order).
@@ -49,7 +60,11 @@ impl Adam {
 pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0.0;
     for g in grads.iter() {
-        sq += g.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        sq += g
+            .to_dtype(candle_core::DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {

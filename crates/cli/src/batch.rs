@@ -9,13 +9,30 @@ use savae_data::{ImageSplit, PIXELS};
 use savae_model::Noise;
 
 /// `x: [B, 784]` for the examples `indices` of `split` (dynamic splits binarized by `rng`).
-pub fn images(split: &ImageSplit, indices: &[usize], rng: &mut impl Rng, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn images(
+    split: &ImageSplit,
+    indices: &[usize],
+    rng: &mut impl Rng,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let px = split.batch(indices, rng);
     Ok(Tensor::from_vec(px, (indices.len(), PIXELS), device)?.to_dtype(dtype)?)
 }
 
 /// Standard normal `ε: [S, B, d]`.
-pub fn noise(rng: &mut impl Rng, s: usize, b: usize, d: usize, dtype: DType, device: &Device) -> Result<Noise> {
-    let v: Vec<f32> = (0..s * b * d).map(|_| rng.sample::<f32, _>(StandardNormal)).collect();
-    Ok(Noise(Tensor::from_vec(v, (s, b, d), device)?.to_dtype(dtype)?))
+pub fn noise(
+    rng: &mut impl Rng,
+    s: usize,
+    b: usize,
+    d: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Noise> {
+    let v: Vec<f32> = (0..s * b * d)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect();
+    Ok(Noise(
+        Tensor::from_vec(v, (s, b, d), device)?.to_dtype(dtype)?,
+    ))
 }

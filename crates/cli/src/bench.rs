@@ -21,7 +21,11 @@ use std::time::Instant;
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Modes: vae, vae-svi, savae-implicit, savae-unrolled (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "vae,vae-svi,savae-unrolled,savae-implicit")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vae,vae-svi,savae-unrolled,savae-implicit"
+    )]
     pub modes: Vec<String>,
     /// SVI steps K (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "5,20,50")]
@@ -70,8 +74,16 @@ pub struct CpuProbe;
 
 fn vm_field(name: &str) -> Result<f64> {
     let s = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let line = s.lines().find(|l| l.starts_with(name)).context("no such field in /proc/self/status")?;
-    let kb: f64 = line.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0.0);
+    let line = s
+        .lines()
+        .find(|l| l.starts_with(name))
+        .context("no such field in /proc/self/status")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0.0);
     Ok(kb / 1024.0)
 }
 
@@ -114,7 +126,13 @@ pub mod cuda_probe {
 
     impl CudaProbe {
         pub fn new(device: candle_core::Device) -> Self {
-            Self { device, stop: Arc::default(), peak: Arc::default(), base: 0, handle: None }
+            Self {
+                device,
+                stop: Arc::default(),
+                peak: Arc::default(),
+                base: 0,
+                handle: None,
+            }
         }
     }
 
@@ -139,7 +157,10 @@ pub mod cuda_probe {
             if let Some(h) = self.handle.take() {
                 let _ = h.join();
             }
-            Ok(self.peak.load(Ordering::SeqCst).saturating_sub(self.base) as f64 / (1024.0 * 1024.0))
+            Ok(
+                self.peak.load(Ordering::SeqCst).saturating_sub(self.base) as f64
+                    / (1024.0 * 1024.0),
+            )
         }
     }
 }
@@ -156,7 +177,10 @@ fn probe_for(dev: &Device) -> Box<dyn MemProbe> {
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = crate::device::resolve(&a.device)?;
     savae_implicit::ensure_second_order()?;
-    let data = savae_data::ImageData::load(savae_data::DatasetKind::Mnist, &data_dir(a.data_dir.as_ref()))?;
+    let data = savae_data::ImageData::load(
+        savae_data::DatasetKind::Mnist,
+        &data_dir(a.data_dir.as_ref()),
+    )?;
     let order = savae_data::epoch_order(0, 0, data.train.len);
     let mut probe = probe_for(&dev);
     for &b in &a.batch {
@@ -165,7 +189,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let x = crate::batch::images(&data.train, &order[..b], &mut rng, DType::F32, &dev)?;
         for m in &a.modes {
             let (model_name, grad) = mode_names(m)?;
-            let ks: Vec<usize> = if model_name == "vae" { vec![0] } else { a.k.clone() };
+            let ks: Vec<usize> = if model_name == "vae" {
+                vec![0]
+            } else {
+                a.k.clone()
+            };
             for &k in &ks {
                 let cfg = TrainConfig {
                     model: model_name.into(),

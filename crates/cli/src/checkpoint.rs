@@ -64,8 +64,14 @@ pub struct Checkpoint {
 
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename + fsync dir).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .context("checkpoint path has no file name")?
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -80,8 +86,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        let hint = if e.raw_os_error() == Some(28) { " (the disk is full)" } else { "" };
-        bail!("cannot write checkpoint {}{hint}: {e}; the previous checkpoint is intact", path.display());
+        let hint = if e.raw_os_error() == Some(28) {
+            " (the disk is full)"
+        } else {
+            ""
+        };
+        bail!(
+            "cannot write checkpoint {}{hint}: {e}; the previous checkpoint is intact",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -94,8 +107,14 @@ pub fn save(path: &Path, model: &MlpVae, adam: Option<&Adam>, meta: &CheckpointM
     }
     if let Some(adam) = adam {
         for (i, (name, _)) in model.params.iter().enumerate() {
-            tensors.push((format!("optim.m.{name}"), adam.m[i].to_device(&Device::Cpu)?));
-            tensors.push((format!("optim.v.{name}"), adam.v[i].to_device(&Device::Cpu)?));
+            tensors.push((
+                format!("optim.m.{name}"),
+                adam.m[i].to_device(&Device::Cpu)?,
+            ));
+            tensors.push((
+                format!("optim.v.{name}"),
+                adam.v[i].to_device(&Device::Cpu)?,
+            ));
         }
     }
     let json = serde_json::to_string(meta)?;
@@ -110,28 +129,39 @@ pub fn save(path: &Path, model: &MlpVae, adam: Option<&Adam>, meta: &CheckpointM
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let p = path.display();
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {p}"))?;
-    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("checkpoint {p} is not a valid safetensors file (truncated or corrupt header): {e}"))?;
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "checkpoint {p} is not a valid safetensors file (truncated or corrupt header): {e}"
+        )
+    })?;
     let json = st_meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("savae"))
         .with_context(|| format!("checkpoint {p} has no `savae` metadata: not written by savae"))?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(json).with_context(|| format!("checkpoint {p}: its `savae` metadata is malformed"))?;
+    let meta: CheckpointMeta = serde_json::from_str(json)
+        .with_context(|| format!("checkpoint {p}: its `savae` metadata is malformed"))?;
     if meta.format_version != FORMAT_VERSION {
         bail!(
             "checkpoint {p} has format version {} but this savae reads version {FORMAT_VERSION}",
             meta.format_version
         );
     }
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("checkpoint {p}: cannot read its tensors (truncated or corrupt): {e}"))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        anyhow::anyhow!("checkpoint {p}: cannot read its tensors (truncated or corrupt): {e}")
+    })?;
     for (name, t) in &tensors {
         if !matches!(t.dtype(), DType::F32 | DType::F64) {
-            bail!("checkpoint {p}: tensor {name} has dtype {:?}, expected f32 or f64", t.dtype());
+            bail!(
+                "checkpoint {p}: tensor {name} has dtype {:?}, expected f32 or f64",
+                t.dtype()
+            );
         }
-        let sum = t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
+        let sum = t
+            .to_dtype(DType::F64)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f64>()?;
         if !sum.is_finite() {
             bail!("checkpoint {p}: tensor {name} holds non-finite values");
         }
@@ -166,14 +196,48 @@ impl Checkpoint {
             for (kind, slot) in [("m", &mut adam.m[i]), ("v", &mut adam.v[i])] {
                 let key = format!("optim.{kind}.{name}");
                 let t = self.tensors.get(&key).with_context(|| {
-                    format!("{}: optimizer tensor {key} is missing: cannot resume exactly", path.display())
+                    format!(
+                        "{}: optimizer tensor {key} is missing: cannot resume exactly",
+                        path.display()
+                    )
                 })?;
                 if t.dims() != var.dims() {
-                    bail!("{}: optimizer tensor {key} has shape {:?}, expected {:?}", path.display(), t.dims(), var.dims());
+                    bail!(
+                        "{}: optimizer tensor {key} has shape {:?}, expected {:?}",
+                        path.display(),
+                        t.dims(),
+                        var.dims()
+                    );
                 }
                 *slot = t.to_dtype(var.dtype())?.to_device(var.device())?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_atomic;
+
+    #[test]
+    fn a_failed_write_reports_the_file_and_keeps_the_old_checkpoint() {
+        let dir = std::env::temp_dir().join(format!("savae-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("last.safetensors");
+        write_atomic(&path, b"old checkpoint").unwrap();
+        // Make the temporary file impossible to create (a folder already has its name),
+        // as a full or read-only disk would.
+        std::fs::create_dir_all(dir.join(format!(".last.safetensors.tmp.{}", std::process::id())))
+            .unwrap();
+        let err = write_atomic(&path, b"new checkpoint")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("last.safetensors") && err.contains("previous checkpoint is intact"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"old checkpoint");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -190,7 +190,8 @@ impl TrainOverrides {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+        toml::from_str(&text)
+            .with_context(|| format!("config file {} is not valid", path.display()))
     }
 
     /// Applies these overrides onto `cfg`.
@@ -216,10 +217,16 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         savae_data::DatasetKind::parse(&self.dataset).context("--dataset")?;
         if !["vae", "svi", "vae-svi", "savae"].contains(&self.model.as_str()) {
-            bail!("--model {:?} is unknown: expected vae, svi, vae-svi or savae", self.model);
+            bail!(
+                "--model {:?} is unknown: expected vae, svi, vae-svi or savae",
+                self.model
+            );
         }
         if !["implicit", "unrolled"].contains(&self.grad.as_str()) {
-            bail!("--grad {:?} is unknown: expected implicit or unrolled", self.grad);
+            bail!(
+                "--grad {:?} is unknown: expected implicit or unrolled",
+                self.grad
+            );
         }
         if self.epochs == 0 {
             bail!("--epochs must be at least 1");
@@ -231,15 +238,16 @@ impl TrainConfig {
             bail!("--latent-dim must be at least 1 (got 0)");
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
-            bail!("--hidden needs one or more positive sizes (got {:?})", self.hidden);
+            bail!(
+                "--hidden needs one or more positive sizes (got {:?})",
+                self.hidden
+            );
         }
         savae_model::Activation::parse(&self.activation).context("--activation")?;
-        savae_inference::SviOptimizer::parse(&self.svi_optimizer, self.svi_lr).context("--svi-optimizer")?;
+        savae_inference::SviOptimizer::parse(&self.svi_optimizer, self.svi_lr)
+            .context("--svi-optimizer")?;
         savae_implicit::HvpKind::parse(&self.hvp).context("--hvp")?;
-        for (name, v) in [
-            ("--lr", self.lr),
-            ("--svi-lr", self.svi_lr),
-        ] {
+        for (name, v) in [("--lr", self.lr), ("--svi-lr", self.svi_lr)] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("{name} must be a positive number (got {v})");
             }

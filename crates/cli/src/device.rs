@@ -20,7 +20,9 @@ pub fn resolve(name: &str) -> Result<Device> {
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
                 None => 0,
-                Some(n) => n.parse().map_err(|_| anyhow::anyhow!("--device {s}: {n:?} is not a GPU number"))?,
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--device {s}: {n:?} is not a GPU number"))?,
             };
             open_cuda(ordinal)
         }

@@ -12,8 +12,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use savae_data::{batch_rng, ImageSplit};
-use savae_inference::{refine, SviConfig};
 use savae_implicit::value_and_grad;
+use savae_inference::{refine, SviConfig};
 use savae_model::{elbo, gaussian_kl, log_weights, MlpVae, VariationalParams};
 use serde::Serialize;
 
@@ -74,20 +74,34 @@ fn to_rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
 }
 
 /// Evaluates `model` on `split` (all of it, in file order).
-pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &EvalOptions, device: &Device) -> Result<EvalReport> {
-    let dtype = model.params.iter().next().map(|(_, v)| v.dtype()).unwrap_or(DType::F32);
+pub fn evaluate(
+    model: &MlpVae,
+    split: &ImageSplit,
+    split_name: &str,
+    opts: &EvalOptions,
+    device: &Device,
+) -> Result<EvalReport> {
+    let dtype = model
+        .params
+        .iter()
+        .next()
+        .map(|(_, v)| v.dtype())
+        .unwrap_or(DType::F32);
     let d = model.latent_dim();
     let n = split.len;
     let nb = n.div_ceil(opts.batch_size);
     let pb = if opts.progress {
         let pb = ProgressBar::new(n as u64);
-        pb.set_style(ProgressStyle::with_template("eval {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")?);
+        pb.set_style(ProgressStyle::with_template(
+            "eval {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )?);
         pb
     } else {
         ProgressBar::hidden()
     };
     let dec_det = model.decoder.detached();
-    let (mut s_e0, mut s_er, mut s_k0, mut s_kr, mut s_nll, mut s_gn) = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut s_e0, mut s_er, mut s_k0, mut s_kr, mut s_nll, mut s_gn) =
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let mut resets = 0;
     let mut steps = 0;
     let (mut mus0, mut musr) = (Vec::new(), Vec::new());
@@ -101,13 +115,20 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
         let lambda = if opts.refine {
             let eps_r = batch::noise(&mut rng, opts.refine_samples, b, d, dtype, device)?;
             let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
-                let vg = value_and_grad(|ll| Ok(elbo(&dec_det, &x, &VariationalParams(ll.clone()), &eps_r, 1.0)?.elbo), l)?;
+                let vg = value_and_grad(
+                    |ll| Ok(elbo(&dec_det, &x, &VariationalParams(ll.clone()), &eps_r, 1.0)?.elbo),
+                    l,
+                )?;
                 Ok((vg.values.detach(), vg.grad.detach()))
             };
             let r = refine(&gf, &lambda0.0, &opts.svi, false)?;
             resets += r.resets;
             steps = r.steps;
-            s_gn += r.final_grad_norm.iter().filter(|v| v.is_finite()).sum::<f64>();
+            s_gn += r
+                .final_grad_norm
+                .iter()
+                .filter(|v| v.is_finite())
+                .sum::<f64>();
             VariationalParams(r.lambda)
         } else {
             lambda0.clone()
@@ -115,7 +136,9 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
         let eps = batch::noise(&mut rng, opts.elbo_samples, b, d, dtype, device)?;
         let t0 = elbo(&dec_det, &x, &lambda0, &eps, 1.0)?;
         let tr = elbo(&dec_det, &x, &lambda, &eps, 1.0)?;
-        let sum = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?) };
+        let sum = |t: &Tensor| -> Result<f64> {
+            Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+        };
         pe0.extend(t0.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         per.extend(tr.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         s_e0 += sum(&t0.elbo)?;
@@ -133,7 +156,9 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
                 let k = chunk.min(opts.iw_samples - done);
                 let e = batch::noise(&mut rng, k, b, d, dtype, device)?;
                 let lw = log_weights(&dec_det, &x, &lambda, &e)?.to_dtype(DType::F64)?; // [k, B]
-                let lse = lw.max(0)?.broadcast_add(&lw.broadcast_sub(&lw.max(0)?)?.exp()?.sum(0)?.log()?)?;
+                let lse = lw
+                    .max(0)?
+                    .broadcast_add(&lw.broadcast_sub(&lw.max(0)?)?.exp()?.sum(0)?.log()?)?;
                 acc = Some(match acc {
                     None => lse,
                     Some(a) => {
@@ -147,7 +172,10 @@ pub fn evaluate(model: &MlpVae, split: &ImageSplit, split_name: &str, opts: &Eva
             s_nll -= sum(&ll)?;
         }
         pb.inc(b as u64);
-        pb.set_message(format!("elbo {:.2}", s_er / ((bi + 1) * opts.batch_size).min(n) as f64));
+        pb.set_message(format!(
+            "elbo {:.2}",
+            s_er / ((bi + 1) * opts.batch_size).min(n) as f64
+        ));
     }
     pb.finish_and_clear();
     let nf = n.max(1) as f64;
@@ -209,7 +237,8 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
     let model = ck.model(&req.checkpoint, cfg.dtype(), device)?;
     let kind = savae_data::DatasetKind::parse(&ck.meta.dataset)?;
     let data = savae_data::ImageData::load(kind, &req.data_dir)?;
-    let split = savae_data::Split::parse(&req.split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
+    let split =
+        savae_data::Split::parse(&req.split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
     let mut s = data.split(split).clone();
     if let Some(n) = req.max_examples {
         anyhow::ensure!(n > 0, "--max-examples must be at least 1");
@@ -236,5 +265,12 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
     json["checkpoint"] = serde_json::json!(req.checkpoint.display().to_string());
     json["dataset"] = serde_json::json!(ck.meta.dataset);
     json["epoch"] = serde_json::json!(ck.meta.epoch);
-    Ok(Evaluated { report, json, model, split: s, meta: ck.meta, options })
+    Ok(Evaluated {
+        report,
+        json,
+        model,
+        split: s,
+        meta: ck.meta,
+        options,
+    })
 }

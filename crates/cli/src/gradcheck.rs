@@ -63,7 +63,12 @@ fn flat(ts: &[Tensor]) -> Result<Vec<f64>> {
 
 /// ‖a − b‖ / ‖b‖.
 pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if den == 0.0 {
         num
@@ -82,7 +87,10 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         Some(p) => {
             let ck = checkpoint::load(p)?;
             if !ck.meta.model.has_encoder() {
-                bail!("{}: gradcheck needs a model with an encoder (not --model svi)", p.display());
+                bail!(
+                    "{}: gradcheck needs a model with an encoder (not --model svi)",
+                    p.display()
+                );
             }
             (ck.model(p, DType::F64, &dev)?, ck.meta.dataset.clone())
         }
@@ -94,12 +102,20 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
                 activation: "softplus".into(),
                 input_dim: savae_data::PIXELS,
             };
-            (MlpVae::new(&cfg, a.seed, DType::F64, &dev)?, "mnist".to_string())
+            (
+                MlpVae::new(&cfg, a.seed, DType::F64, &dev)?,
+                "mnist".to_string(),
+            )
         }
     };
-    let data = savae_data::ImageData::load(savae_data::DatasetKind::parse(&dataset)?, &data_dir(a.data_dir.as_ref()))?;
+    let data = savae_data::ImageData::load(
+        savae_data::DatasetKind::parse(&dataset)?,
+        &data_dir(a.data_dir.as_ref()),
+    )?;
     let n = data.test.len;
-    let idx: Vec<usize> = (0..a.examples).map(|i| (i * n / a.examples + 7) % n).collect();
+    let idx: Vec<usize> = (0..a.examples)
+        .map(|i| (i * n / a.examples + 7) % n)
+        .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     let x = crate::batch::images(&data.test, &idx, &mut rng, DType::F64, &dev)?;
     let eps = crate::batch::noise(&mut rng, 1, idx.len(), model.latent_dim(), DType::F64, &dev)?;
@@ -108,12 +124,23 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         beta: 1.0,
         svi: SviConfig {
             steps: a.svi_steps,
-            optimizer: SviOptimizer::Sgd { lr: a.svi_lr, momentum: 0.5, clip: f64::INFINITY },
+            optimizer: SviOptimizer::Sgd {
+                lr: a.svi_lr,
+                momentum: 0.5,
+                clip: f64::INFINITY,
+            },
             prox: a.prox,
-            tol: if mode == Mode::SavaeImplicit { 1e-11 } else { 0.0 },
+            tol: if mode == Mode::SavaeImplicit {
+                1e-11
+            } else {
+                0.0
+            },
             batch_size: 1,
         },
-        cg: CgConfig { max_iters: 500, tol: 1e-12 },
+        cg: CgConfig {
+            max_iters: 500,
+            tol: 1e-12,
+        },
         damping: 0.0,
         hvp: HvpKind::Exact,
         cg_retries: 3,
@@ -121,14 +148,20 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     };
     let imp = train_step(&model, &x, &eps, &cfg(Mode::SavaeImplicit))?;
     let unr = train_step(&model, &x, &eps, &cfg(Mode::SavaeUnrolled))?;
-    let gnorm = imp.svi.as_ref().map(|s| s.final_grad_norm_max).unwrap_or(f64::NAN);
+    let gnorm = imp
+        .svi
+        .as_ref()
+        .map(|s| s.final_grad_norm_max)
+        .unwrap_or(f64::NAN);
     let gi = flat(&imp.grads)?;
     let gu = flat(&unr.grads)?;
     // Finite differences on a random subset of parameters.
     let vars = model.params.vars();
     let names: Vec<String> = model.params.iter().map(|(n, _)| n.to_string()).collect();
     let total: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let mut picks: Vec<usize> = (0..a.fd_params.min(total)).map(|_| rng.random_range(0..total)).collect();
+    let mut picks: Vec<usize> = (0..a.fd_params.min(total))
+        .map(|_| rng.random_range(0..total))
+        .collect();
     picks.sort();
     picks.dedup();
     let mut fd = Vec::new();
@@ -172,16 +205,33 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         write_out(out, &model, &idx, &eps, &imp, &unr)?;
     }
     if !pass {
-        bail!("gradient check failed: a relative error exceeds --tol {}", a.tol);
+        bail!(
+            "gradient check failed: a relative error exceeds --tol {}",
+            a.tol
+        );
     }
     Ok(())
 }
 
-fn write_out(path: &PathBuf, model: &MlpVae, idx: &[usize], eps: &Noise, imp: &StepOutput, unr: &StepOutput) -> Result<()> {
+fn write_out(
+    path: &PathBuf,
+    model: &MlpVae,
+    idx: &[usize],
+    eps: &Noise,
+    imp: &StepOutput,
+    unr: &StepOutput,
+) -> Result<()> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
     let dev = Device::Cpu;
     let eps = Noise(eps.0.to_device(&dev)?);
-    t.insert("batch_indices".into(), Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), &dev)?);
+    t.insert(
+        "batch_indices".into(),
+        Tensor::from_vec(
+            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            idx.len(),
+            &dev,
+        )?,
+    );
     t.insert("eps".into(), eps.0.clone());
     t.insert("lambda0".into(), imp.lambda0.to_device(&dev)?);
     if let Some(l) = &imp.lambda_refined {

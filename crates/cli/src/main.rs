@@ -7,14 +7,17 @@ use savae_cli::{
     config::{data_dir, TrainOverrides},
     device,
     eval::{evaluate_checkpoint, EvalRequest},
-    gradcheck,
-    report,
+    gradcheck, report,
     train::{train, TrainOptions},
 };
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "savae", version, about = "Semi-amortized VAEs with implicit gradients, on candle")]
+#[command(
+    name = "savae",
+    version,
+    about = "Semi-amortized VAEs with implicit gradients, on candle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

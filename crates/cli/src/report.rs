@@ -51,7 +51,9 @@ pub struct ReportArgs {
 
 fn register_font() -> Result<()> {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *ONCE.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok()
+    });
     if !ok {
         bail!("cannot load the bundled font");
     }
@@ -69,8 +71,18 @@ pub struct Series {
 }
 
 /// A line chart with title, axis labels and a legend, 900×540 pixels.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    let pts: Vec<&(f64, f64)> = series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    let pts: Vec<&(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
     if pts.is_empty() {
         return Ok(());
     }
@@ -104,14 +116,26 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         .map_err(perr)?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let p: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+        let p: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
         chart
             .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
             .map_err(perr)?
             .label(s.name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         if p.len() <= 60 {
-            chart.draw_series(p.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(perr)?;
+            chart
+                .draw_series(
+                    p.iter()
+                        .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(perr)?;
         }
     }
     chart
@@ -127,7 +151,13 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 }
 
 /// A histogram of `values` with `bins` bins, 900×540 pixels.
-pub fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64], bins: usize) -> Result<()> {
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    values: &[f64],
+    bins: usize,
+) -> Result<()> {
     let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return Ok(());
@@ -171,26 +201,52 @@ pub fn histogram(path: &Path, title: &str, x_label: &str, values: &[f64], bins: 
 }
 
 /// A titled grid of 28×28 images in [0, 1]: `rows[r][c]` is 784 values; each row has a label.
-pub fn image_grid(path: &Path, title: &str, row_labels: &[String], rows: &[Vec<Vec<f32>>]) -> Result<()> {
+pub fn image_grid(
+    path: &Path,
+    title: &str,
+    row_labels: &[String],
+    rows: &[Vec<Vec<f32>>],
+) -> Result<()> {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let cell = 3i32; // pixels per image pixel
     let img = 28 * cell + 6;
-    let label_w = if row_labels.iter().any(|l| !l.is_empty()) { 170 } else { 10 };
-    let (w, h) = ((label_w + cols as i32 * img + 10) as u32, (60 + rows.len() as i32 * img + 10) as u32);
+    let label_w = if row_labels.iter().any(|l| !l.is_empty()) {
+        170
+    } else {
+        10
+    };
+    let (w, h) = (
+        (label_w + cols as i32 * img + 10) as u32,
+        (60 + rows.len() as i32 * img + 10) as u32,
+    );
     let root = BitMapBackend::new(path, (w, h)).into_drawing_area();
     root.fill(&WHITE).map_err(perr)?;
-    root.draw(&Text::new(title.to_string(), (10, 15), ("sans-serif", 24).into_font())).map_err(perr)?;
+    root.draw(&Text::new(
+        title.to_string(),
+        (10, 15),
+        ("sans-serif", 24).into_font(),
+    ))
+    .map_err(perr)?;
     for (r, row) in rows.iter().enumerate() {
         let y0 = 55 + r as i32 * img;
         if let Some(l) = row_labels.get(r) {
-            root.draw(&Text::new(l.clone(), (8, y0 + img / 2 - 8), ("sans-serif", 17).into_font())).map_err(perr)?;
+            root.draw(&Text::new(
+                l.clone(),
+                (8, y0 + img / 2 - 8),
+                ("sans-serif", 17).into_font(),
+            ))
+            .map_err(perr)?;
         }
         for (c, im) in row.iter().enumerate() {
             let x0 = label_w + c as i32 * img;
             for (p, &v) in im.iter().enumerate() {
                 let g = (255.0 * (1.0 - v.clamp(0.0, 1.0))) as u8;
                 let (px, py) = (x0 + (p % 28) as i32 * cell, y0 + (p / 28) as i32 * cell);
-                root.draw(&Rectangle::new([(px, py), (px + cell, py + cell)], RGBColor(g, g, g).filled())).map_err(perr)?;
+                root.draw(&Rectangle::new(
+                    [(px, py), (px + cell, py + cell)],
+                    RGBColor(g, g, g).filled(),
+                ))
+                .map_err(perr)?;
             }
         }
     }
@@ -199,8 +255,12 @@ pub fn image_grid(path: &Path, title: &str, row_labels: &[String], rows: &[Vec<V
 }
 
 fn read_metrics(path: &Path) -> Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 fn series(lines: &[&Value], name: &str, x: &str, y: &[&str]) -> Series {
@@ -211,7 +271,13 @@ fn series(lines: &[&Value], name: &str, x: &str, y: &[&str]) -> Series {
         }
         cur.as_f64()
     };
-    Series { name: name.into(), points: lines.iter().filter_map(|v| Some((v.get(x)?.as_f64()?, get(v, y)?))).collect() }
+    Series {
+        name: name.into(),
+        points: lines
+            .iter()
+            .filter_map(|v| Some((v.get(x)?.as_f64()?, get(v, y)?)))
+            .collect(),
+    }
 }
 
 /// Draws the training curves; returns the files written.
@@ -226,30 +292,90 @@ pub fn curves(metrics: &[Value], out: &Path) -> Result<Vec<String>> {
         }
         Ok(())
     };
-    draw("curves_elbo.png", "ELBO per epoch", "epoch", "ELBO (nats per example)", vec![
-        series(&epochs, "train (β-weighted, loss)", "epoch", &["train_elbo"]),
-        series(&epochs, "valid, amortized λ0", "epoch", &["valid_elbo_amortized"]),
-        series(&epochs, "valid, refined λ*", "epoch", &["valid_elbo_refined"]),
-    ])?;
-    draw("curves_kl_beta.png", "KL and KL weight β per logged step", "step", "nats (KL) / weight (β)", vec![
-        series(&steps, "KL (train batch)", "step", &["kl"]),
-        series(&steps, "β × 10", "step", &["beta"]).scaled(10.0),
-    ])?;
-    draw("curves_cg.png", "Adjoint CG per logged step", "step", "iterations / examples", vec![
-        series(&steps, "mean CG iterations", "step", &["cg", "iters_mean"]),
-        series(&steps, "negative curvature (examples)", "step", &["cg", "negative_curvature"]),
-        series(&steps, "steepest-descent fallbacks (examples)", "step", &["cg", "fallbacks"]),
-    ])?;
-    draw("curves_svi.png", "SVI stationarity at λ_K per logged step", "step", "‖∇F(λ_K)‖", vec![
-        series(&steps, "max over batch", "step", &["svi", "final_grad_norm_max"]),
-        series(&steps, "mean over batch", "step", &["svi", "final_grad_norm_mean"]),
-    ])?;
-    draw("curves_speed.png", "Training speed per logged step", "step", "examples / s", vec![series(
-        &steps,
-        "examples/s",
+    draw(
+        "curves_elbo.png",
+        "ELBO per epoch",
+        "epoch",
+        "ELBO (nats per example)",
+        vec![
+            series(
+                &epochs,
+                "train (β-weighted, loss)",
+                "epoch",
+                &["train_elbo"],
+            ),
+            series(
+                &epochs,
+                "valid, amortized λ0",
+                "epoch",
+                &["valid_elbo_amortized"],
+            ),
+            series(
+                &epochs,
+                "valid, refined λ*",
+                "epoch",
+                &["valid_elbo_refined"],
+            ),
+        ],
+    )?;
+    draw(
+        "curves_kl_beta.png",
+        "KL and KL weight β per logged step",
         "step",
-        &["examples_per_s"],
-    )])?;
+        "nats (KL) / weight (β)",
+        vec![
+            series(&steps, "KL (train batch)", "step", &["kl"]),
+            series(&steps, "β × 10", "step", &["beta"]).scaled(10.0),
+        ],
+    )?;
+    draw(
+        "curves_cg.png",
+        "Adjoint CG per logged step",
+        "step",
+        "iterations / examples",
+        vec![
+            series(&steps, "mean CG iterations", "step", &["cg", "iters_mean"]),
+            series(
+                &steps,
+                "negative curvature (examples)",
+                "step",
+                &["cg", "negative_curvature"],
+            ),
+            series(
+                &steps,
+                "steepest-descent fallbacks (examples)",
+                "step",
+                &["cg", "fallbacks"],
+            ),
+        ],
+    )?;
+    draw(
+        "curves_svi.png",
+        "SVI stationarity at λ_K per logged step",
+        "step",
+        "‖∇F(λ_K)‖",
+        vec![
+            series(
+                &steps,
+                "max over batch",
+                "step",
+                &["svi", "final_grad_norm_max"],
+            ),
+            series(
+                &steps,
+                "mean over batch",
+                "step",
+                &["svi", "final_grad_norm_mean"],
+            ),
+        ],
+    )?;
+    draw(
+        "curves_speed.png",
+        "Training speed per logged step",
+        "step",
+        "examples / s",
+        vec![series(&steps, "examples/s", "step", &["examples_per_s"])],
+    )?;
     Ok(files)
 }
 
@@ -267,7 +393,12 @@ fn probs(decoder: &savae_model::Mlp, z: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String>> {
     let model = &e.model;
-    let dtype = model.params.iter().next().map(|(_, v)| v.dtype()).unwrap_or(DType::F32);
+    let dtype = model
+        .params
+        .iter()
+        .next()
+        .map(|(_, v)| v.dtype())
+        .unwrap_or(DType::F32);
     let d = model.latent_dim();
     let n = e.split.len;
     let picks: Vec<usize> = (0..10.min(n)).map(|i| i * n / 10.min(n)).collect();
@@ -277,27 +408,53 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
     let lam0 = model.encode(&x)?;
     let mu0 = lam0.mu()?;
     let mu_ref = Tensor::from_vec(
-        picks.iter().flat_map(|&i| e.report.refined_means[i].iter().map(|&v| v as f32)).collect::<Vec<f32>>(),
+        picks
+            .iter()
+            .flat_map(|&i| e.report.refined_means[i].iter().map(|&v| v as f32))
+            .collect::<Vec<f32>>(),
         (picks.len(), d),
         device,
     )?
     .to_dtype(dtype)?;
-    let rows = vec![inputs, probs(&model.decoder, &mu0)?, probs(&model.decoder, &mu_ref)?];
-    let labels = vec!["input".to_string(), "amortized λ0".into(), format!("refined ({} SVI)", e.options.svi.steps)];
-    image_grid(&out.join("reconstructions.png"), "Reconstructions (decoder mean at the posterior mean)", &labels, &rows)?;
+    let rows = vec![
+        inputs,
+        probs(&model.decoder, &mu0)?,
+        probs(&model.decoder, &mu_ref)?,
+    ];
+    let labels = vec![
+        "input".to_string(),
+        "amortized λ0".into(),
+        format!("refined ({} SVI)", e.options.svi.steps),
+    ];
+    image_grid(
+        &out.join("reconstructions.png"),
+        "Reconstructions (decoder mean at the posterior mean)",
+        &labels,
+        &rows,
+    )?;
     // Samples from the prior.
     let mut r2 = savae_data::batch_rng(e.options.seed, 10, 0, 0);
-    let z = crate::batch::noise(&mut r2, 1, 64, d, dtype, device)?.0.squeeze(0)?;
+    let z = crate::batch::noise(&mut r2, 1, 64, d, dtype, device)?
+        .0
+        .squeeze(0)?;
     let s = probs(&model.decoder, &z)?;
     let grid: Vec<Vec<Vec<f32>>> = s.chunks(8).map(|c| c.to_vec()).collect();
-    image_grid(&out.join("samples.png"), "Samples from the prior (decoder mean, z ~ N(0, I))", &[], &grid)?;
+    image_grid(
+        &out.join("samples.png"),
+        "Samples from the prior (decoder mean, z ~ N(0, I))",
+        &[],
+        &grid,
+    )?;
     // Traversal along the most active dimensions (variance of the refined means).
     let means = &e.report.refined_means;
     let m = means.len().max(1) as f64;
     let mut var: Vec<(usize, f64)> = (0..d)
         .map(|j| {
             let mu = means.iter().map(|r| r[j]).sum::<f64>() / m;
-            (j, means.iter().map(|r| (r[j] - mu).powi(2)).sum::<f64>() / m)
+            (
+                j,
+                means.iter().map(|r| (r[j] - mu).powi(2)).sum::<f64>() / m,
+            )
         })
         .collect();
     var.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -312,17 +469,38 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
         rows.push(probs(&model.decoder, &z)?);
         labels.push(format!("z[{j}] (var {v:.2})"));
     }
-    image_grid(&out.join("traversal.png"), "Latent traversal: z_j from −3 to 3, others 0", &labels, &rows)?;
-    Ok(vec!["reconstructions.png".into(), "samples.png".into(), "traversal.png".into()])
+    image_grid(
+        &out.join("traversal.png"),
+        "Latent traversal: z_j from −3 to 3, others 0",
+        &labels,
+        &rows,
+    )?;
+    Ok(vec![
+        "reconstructions.png".into(),
+        "samples.png".into(),
+        "traversal.png".into(),
+    ])
 }
 
 pub fn run(a: ReportArgs) -> Result<()> {
     register_font()?;
     let (ck, run_dir) = match (&a.checkpoint, &a.run_dir) {
-        (Some(c), _) => (c.clone(), a.run_dir.clone().or_else(|| c.parent().map(Path::to_path_buf))),
+        (Some(c), _) => (
+            c.clone(),
+            a.run_dir
+                .clone()
+                .or_else(|| c.parent().map(Path::to_path_buf)),
+        ),
         (None, Some(r)) => {
             let best = r.join("best.safetensors");
-            (if best.exists() { best } else { r.join("last.safetensors") }, Some(r.clone()))
+            (
+                if best.exists() {
+                    best
+                } else {
+                    r.join("last.safetensors")
+                },
+                Some(r.clone()),
+            )
         }
         (None, None) => bail!("give a RUN_DIR or --checkpoint FILE"),
     };
@@ -347,14 +525,27 @@ pub fn run(a: ReportArgs) -> Result<()> {
     };
     let e = evaluate_checkpoint(&req, &device)?;
     let mut files = Vec::new();
-    if let Some(m) = run_dir.as_ref().map(|r| r.join("metrics.jsonl")).filter(|p| p.exists()) {
+    if let Some(m) = run_dir
+        .as_ref()
+        .map(|r| r.join("metrics.jsonl"))
+        .filter(|p| p.exists())
+    {
         files.extend(curves(&read_metrics(&m)?, &out)?);
     }
     files.extend(mnist_pictures(&e, &out, &device)?);
-    let gap: Vec<f64> = e.report.per_example_refined.iter().zip(&e.report.per_example_amortized).map(|(r, a)| r - a).collect();
+    let gap: Vec<f64> = e
+        .report
+        .per_example_refined
+        .iter()
+        .zip(&e.report.per_example_amortized)
+        .map(|(r, a)| r - a)
+        .collect();
     histogram(
         &out.join("amortization_gap.png"),
-        &format!("Amortization gap on {} ({} examples)", e.report.split, e.report.examples),
+        &format!(
+            "Amortization gap on {} ({} examples)",
+            e.report.split, e.report.examples
+        ),
         "ELBO(refined) − ELBO(amortized), nats",
         &gap,
         40,
@@ -385,22 +576,45 @@ pub fn run(a: ReportArgs) -> Result<()> {
         e.meta.epoch,
         e.meta.step
     ));
-    md.push_str(&format!("## Evaluation on `{}` ({} examples, nats per example)\n\n", r.split, r.examples));
+    md.push_str(&format!(
+        "## Evaluation on `{}` ({} examples, nats per example)\n\n",
+        r.split, r.examples
+    ));
     md.push_str("| quantity | value |\n|---|---|\n");
-    md.push_str(&format!("| ELBO, amortized λ0 | {:.4} |\n", r.elbo_amortized));
-    md.push_str(&format!("| ELBO, refined λ* ({} SVI steps) | {:.4} |\n", r.svi_steps, r.elbo_refined));
+    md.push_str(&format!(
+        "| ELBO, amortized λ0 | {:.4} |\n",
+        r.elbo_amortized
+    ));
+    md.push_str(&format!(
+        "| ELBO, refined λ* ({} SVI steps) | {:.4} |\n",
+        r.svi_steps, r.elbo_refined
+    ));
     md.push_str(&format!("| mean amortization gap | {mean_gap:.4} |\n"));
     md.push_str(&format!("| KL, refined | {:.4} |\n", r.kl_refined));
     if let Some(n) = r.nll_iw {
-        md.push_str(&format!("| NLL, importance sampled ({} samples) | {:.4} |\n", r.iw_samples, n));
+        md.push_str(&format!(
+            "| NLL, importance sampled ({} samples) | {:.4} |\n",
+            r.iw_samples, n
+        ));
     }
-    md.push_str(&format!("| active units (refined / amortized) | {} / {} |\n\n", r.active_units, r.active_units_amortized));
-    md.push_str(&format!("The same numbers come from:\n\n```sh\n{cmd}\n```\n\nwhich prints:\n\n```json\n{}\n```\n\n", e.json));
+    md.push_str(&format!(
+        "| active units (refined / amortized) | {} / {} |\n\n",
+        r.active_units, r.active_units_amortized
+    ));
+    md.push_str(&format!(
+        "The same numbers come from:\n\n```sh\n{cmd}\n```\n\nwhich prints:\n\n```json\n{}\n```\n\n",
+        e.json
+    ));
     md.push_str("## Pictures\n\n");
     for f in &files {
         md.push_str(&format!("![{f}]({f})\n\n"));
     }
-    std::fs::write(out.join("summary.md"), md).with_context(|| format!("cannot write {}", out.join("summary.md").display()))?;
-    eprintln!("savae: report written to {} ({} pictures and summary.md)", out.display(), files.len());
+    std::fs::write(out.join("summary.md"), md)
+        .with_context(|| format!("cannot write {}", out.join("summary.md").display()))?;
+    eprintln!(
+        "savae: report written to {} ({} pictures and summary.md)",
+        out.display(),
+        files.len()
+    );
     Ok(())
 }

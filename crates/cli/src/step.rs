@@ -123,7 +123,10 @@ fn elbo_grad_fn<'a>(
     beta: f64,
 ) -> impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a {
     move |lam: &Tensor| {
-        let vg = value_and_grad(|l| Ok(elbo(decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo), lam)?;
+        let vg = value_and_grad(
+            |l| Ok(elbo(decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
+            lam,
+        )?;
         Ok((vg.values.detach(), vg.grad.detach()))
     }
 }
@@ -140,8 +143,13 @@ fn collect(store: &GradStore, model: &MlpVae, scale: f64) -> Result<Vec<Tensor>>
 }
 
 fn add_into(acc: &mut [Tensor], model: &MlpVae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
-    let idx: Vec<usize> =
-        model.params.iter().enumerate().filter(|(_, (n, _))| n.starts_with(prefix)).map(|(i, _)| i).collect();
+    let idx: Vec<usize> = model
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(_, (n, _))| n.starts_with(prefix))
+        .map(|(i, _)| i)
+        .collect();
     for (i, g) in idx.into_iter().zip(extra) {
         acc[i] = (&acc[i] + g)?;
     }
@@ -149,7 +157,12 @@ fn add_into(acc: &mut [Tensor], model: &MlpVae, prefix: &str, extra: Vec<Tensor>
 }
 
 fn svi_stats(r: &Refinement) -> SviStats {
-    let finite: Vec<f64> = r.final_grad_norm.iter().copied().filter(|v| v.is_finite()).collect();
+    let finite: Vec<f64> = r
+        .final_grad_norm
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .collect();
     SviStats {
         steps: r.steps,
         final_grad_norm_max: finite.iter().copied().fold(0.0, f64::max),
@@ -188,7 +201,11 @@ pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> 
             let refined = VariationalParams(r.lambda.clone());
             let t = elbo(&model.decoder, x, &refined, eps, beta)?;
             let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
-            let e0 = r.trace.first().map(|s| s.mean_objective).unwrap_or(f64::NAN);
+            let e0 = r
+                .trace
+                .first()
+                .map(|s| s.mean_objective)
+                .unwrap_or(f64::NAN);
             if model.encoder.is_some() {
                 // The encoder trains on its own ELBO at λ0 (decoder detached there).
                 let t0 = elbo(&dec_det, x, &lambda0, eps, beta)?;
@@ -208,7 +225,9 @@ pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> 
                 lambda0: lambda0.0.detach(),
             })
         }
-        Mode::SavaeImplicit | Mode::SavaeUnrolled => savae_step(model, x, eps, cfg, &lambda0, &dec_det, b),
+        Mode::SavaeImplicit | Mode::SavaeUnrolled => {
+            savae_step(model, x, eps, cfg, &lambda0, &dec_det, b)
+        }
     }
 }
 
@@ -225,19 +244,28 @@ fn savae_step(
     let unrolled = cfg.mode == Mode::SavaeUnrolled;
     let gf = elbo_grad_fn(dec_det, x, eps, beta);
     let r = refine(&gf, &lambda0.0, &cfg.svi, unrolled)?;
-    let e0 = r.trace.first().map(|s| s.mean_objective).unwrap_or(f64::NAN);
+    let e0 = r
+        .trace
+        .first()
+        .map(|s| s.mean_objective)
+        .unwrap_or(f64::NAN);
     // ELBO at λ* with the model's decoder: ∂_θ L and ∇_λ L (graph kept for the mixed term).
     let at_opt = value_and_grad(
         |l| Ok(elbo(&model.decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
         &r.lambda,
     )?;
     let refined_elbo = mean(&at_opt.values)?;
-    let kl = mean(&savae_model::gaussian_kl(&VariationalParams(r.lambda.clone()))?)?;
+    let kl = mean(&savae_model::gaussian_kl(&VariationalParams(
+        r.lambda.clone(),
+    ))?)?;
     // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
     let mut grads = collect(&at_opt.store, model, -1.0 / b)?;
     let g = (at_opt.grad.detach() * (-1.0 / b))?;
     let dec_params = model.decoder_params();
-    let dec_tensors: Vec<Tensor> = dec_params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let dec_tensors: Vec<Tensor> = dec_params
+        .iter()
+        .map(|(_, v)| v.as_tensor().clone())
+        .collect();
     let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
     let (lambda0_grad, cg_stats) = if unrolled {
         let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
@@ -251,14 +279,20 @@ fn savae_step(
             let hw = out.remove(0);
             Ok((hw, out))
         };
-        let zeros = dec_tensors.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let zeros = dec_tensors
+            .iter()
+            .map(|t| t.zeros_like())
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let ug = unrolled_backward(&second_order, &r, &g, &cfg.svi, zeros)?;
         add_into(&mut grads, model, "decoder.", ug.theta_grads)?;
         (ug.lambda0_grad, None)
     } else {
         let gamma = cfg.svi.prox;
-        let untrusted: Vec<bool> =
-            r.final_grad_norm.iter().map(|&n| !(n.is_finite() && n <= cfg.stationarity_tol)).collect();
+        let untrusted: Vec<bool> = r
+            .final_grad_norm
+            .iter()
+            .map(|&n| !(n.is_finite() && n <= cfg.stationarity_tol))
+            .collect();
         // HVPs on a graph without parameter gradients (cheaper backward passes).
         let sol = match cfg.hvp {
             HvpKind::Exact => {
@@ -266,8 +300,19 @@ fn savae_step(
                     |l| Ok(elbo(dec_det, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
                     &r.lambda,
                 )?;
-                let op = ExactHvp { lambda: det.lambda, grad: det.grad };
-                solve_adjoint(&op as &dyn BatchedOperator, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries, &untrusted)?
+                let op = ExactHvp {
+                    lambda: det.lambda,
+                    grad: det.grad,
+                };
+                solve_adjoint(
+                    &op as &dyn BatchedOperator,
+                    &g,
+                    gamma,
+                    cfg.damping,
+                    &cfg.cg,
+                    cfg.cg_retries,
+                    &untrusted,
+                )?
             }
             HvpKind::FiniteDifference => {
                 let op = FdHvp {
@@ -275,7 +320,15 @@ fn savae_step(
                     lambda: r.lambda.clone(),
                     rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
                 };
-                solve_adjoint(&op, &g, gamma, cfg.damping, &cfg.cg, cfg.cg_retries, &untrusted)?
+                solve_adjoint(
+                    &op,
+                    &g,
+                    gamma,
+                    cfg.damping,
+                    &cfg.cg,
+                    cfg.cg_retries,
+                    &untrusted,
+                )?
             }
         };
         let mixed = match cfg.hvp {
@@ -283,12 +336,22 @@ fn savae_step(
             HvpKind::FiniteDifference => {
                 let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
                     let vg = value_and_grad(
-                        |ll| Ok(elbo(&model.decoder, x, &VariationalParams(ll.clone()), eps, beta)?.elbo),
+                        |ll| {
+                            Ok(
+                                elbo(&model.decoder, x, &VariationalParams(ll.clone()), eps, beta)?
+                                    .elbo,
+                            )
+                        },
                         l,
                     )?;
                     Ok(dec_refs
                         .iter()
-                        .map(|t| vg.store.get(t).map(|g| g.detach()).unwrap_or_else(|| t.zeros_like().unwrap()))
+                        .map(|t| {
+                            vg.store
+                                .get(t)
+                                .map(|g| g.detach())
+                                .unwrap_or_else(|| t.zeros_like().unwrap())
+                        })
                         .collect())
                 };
                 let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype());
@@ -325,7 +388,12 @@ fn savae_step(
         let enc_grads = model
             .encoder_params()
             .iter()
-            .map(|(_, v)| Ok(store.get(v.as_tensor()).map(|g| g.detach()).unwrap_or(v.as_tensor().zeros_like()?)))
+            .map(|(_, v)| {
+                Ok(store
+                    .get(v.as_tensor())
+                    .map(|g| g.detach())
+                    .unwrap_or(v.as_tensor().zeros_like()?))
+            })
             .collect::<Result<Vec<_>>>()?;
         add_into(&mut grads, model, "encoder.", enc_grads)?;
     }

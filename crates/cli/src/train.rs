@@ -80,7 +80,10 @@ fn interrupted() -> bool {
 const RESUMABLE_CHANGES: &[&str] = &["epochs", "log_every", "valid_examples"];
 
 fn config_diff(a: &TrainConfig, b: &TrainConfig) -> Vec<String> {
-    let (va, vb) = (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default());
+    let (va, vb) = (
+        serde_json::to_value(a).unwrap_or_default(),
+        serde_json::to_value(b).unwrap_or_default(),
+    );
     let mut out = Vec::new();
     if let (Some(ma), Some(mb)) = (va.as_object(), vb.as_object()) {
         for (k, x) in ma {
@@ -99,7 +102,10 @@ pub fn step_config(cfg: &TrainConfig, beta: f64) -> Result<StepConfig> {
         mode: Mode::from_names(&cfg.model, &cfg.grad)?,
         beta,
         svi: svi_config(cfg)?,
-        cg: CgConfig { max_iters: cfg.cg_iters, tol: cfg.cg_tol },
+        cg: CgConfig {
+            max_iters: cfg.cg_iters,
+            tol: cfg.cg_tol,
+        },
         damping: cfg.cg_damping,
         hvp: HvpKind::parse(&cfg.hvp)?,
         cg_retries: cfg.cg_retries,
@@ -145,7 +151,10 @@ fn resolve_config(opts: &TrainOptions) -> Result<(TrainConfig, Option<checkpoint
     opts.overrides.apply(&mut requested);
     if opts.resume {
         let ck = checkpoint::load(&last).with_context(|| {
-            format!("--resume {}: no loadable last.safetensors there", opts.run_dir.display())
+            format!(
+                "--resume {}: no loadable last.safetensors there",
+                opts.run_dir.display()
+            )
         })?;
         let mut cfg = ck.meta.config.clone();
         if let Some(f) = &opts.config_file {
@@ -256,15 +265,26 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let d = cfg.latent_dim;
     let mut bad_run = 0usize;
     // Testing hook: SAVAE_INJECT_NAN_FROM_STEP=N makes every loss from step N on NaN.
-    let inject_nan_from: Option<u64> =
-        std::env::var("SAVAE_INJECT_NAN_FROM_STEP").ok().and_then(|v| v.parse().ok());
-    let meta = |epoch: usize, batch: usize, step: u64, adam_t: u64, valid: Option<f64>, best: Option<f64>| CheckpointMeta {
+    let inject_nan_from: Option<u64> = std::env::var("SAVAE_INJECT_NAN_FROM_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let meta = |epoch: usize,
+                batch: usize,
+                step: u64,
+                adam_t: u64,
+                valid: Option<f64>,
+                best: Option<f64>| CheckpointMeta {
         format_version: FORMAT_VERSION,
         dataset: cfg.dataset.clone(),
         model: cfg.model_config(),
         epoch,
         step,
-        rng: RngState { seed: cfg.seed, epoch, batch, scheme: "chacha8(splitmix(seed, stream, epoch, batch))".into() },
+        rng: RngState {
+            seed: cfg.seed,
+            epoch,
+            batch,
+            scheme: "chacha8(splitmix(seed, stream, epoch, batch))".into(),
+        },
         adam_t,
         config: cfg.clone(),
         valid_elbo: valid,
@@ -275,7 +295,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         savae_version: env!("CARGO_PKG_VERSION").into(),
     };
     while epoch < cfg.epochs {
-        if interrupted() && start_batch == 0 && last_path.exists() && (epoch > 0 || resume_from.is_some()) {
+        if interrupted()
+            && start_batch == 0
+            && last_path.exists()
+            && (epoch > 0 || resume_from.is_some())
+        {
             eprintln!(
                 "savae: interrupted after epoch {epoch}: {} holds it; continue with: savae train --run-dir {} --resume",
                 last_path.display(),
@@ -295,7 +319,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let beta = cfg.beta(epoch);
         let scfg = step_config(&cfg, beta)?;
         let order = epoch_order(cfg.seed, epoch as u64, n);
-        let pb = if opts.progress { ProgressBar::new(nb as u64) } else { ProgressBar::hidden() };
+        let pb = if opts.progress {
+            ProgressBar::new(nb as u64)
+        } else {
+            ProgressBar::hidden()
+        };
         pb.set_style(ProgressStyle::with_template(&format!(
             "epoch {}/{} {{bar:25}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}",
             epoch + 1,
@@ -304,7 +332,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let te = Instant::now();
         let (mut sum_loss, mut sum_n) = (carried_loss, carried_n);
         // Per-epoch totals of the numerical-fault counters.
-        let (mut n_resets, mut n_negcurv, mut n_nonfinite, mut n_retried, mut n_fallbacks) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut n_resets, mut n_negcurv, mut n_nonfinite, mut n_retried, mut n_fallbacks) =
+            (0usize, 0usize, 0usize, 0usize, 0usize);
         let mut n_not_stationary = 0usize;
         (carried_loss, carried_n) = (0.0, 0);
         pb.set_position(start_batch as u64);
@@ -316,7 +345,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 m.epoch_examples = sum_n;
                 m.skipped_batches = skipped;
                 checkpoint::save(&last_path, &model, Some(&adam), &m)?;
-                metrics.write(json!({"kind": "interrupt", "epoch": epoch + 1, "batch": bi, "step": step}))?;
+                metrics.write(
+                    json!({"kind": "interrupt", "epoch": epoch + 1, "batch": bi, "step": step}),
+                )?;
                 eprintln!(
                     "savae: interrupted at epoch {}, batch {bi}: saved {}; continue with: savae train --run-dir {} --resume",
                     epoch + 1,
@@ -379,7 +410,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let ex_s = idx.len() as f64 / secs.max(1e-9);
             let mut msg = format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s);
             if let Some(c) = &out.cg {
-                msg.push_str(&format!(" cg {:.1}it fail {}", c.iters_mean, c.negative_curvature + c.non_finite));
+                msg.push_str(&format!(
+                    " cg {:.1}it fail {}",
+                    c.iters_mean,
+                    c.negative_curvature + c.non_finite
+                ));
             }
             pb.set_message(msg);
             pb.inc(1);
@@ -406,7 +441,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             progress: false,
         };
         let v = evaluate(&model, &valid, "valid", &eopts, device)?;
-        let vel = if mode.refines() { v.elbo_refined } else { v.elbo_amortized };
+        let vel = if mode.refines() {
+            v.elbo_refined
+        } else {
+            v.elbo_amortized
+        };
         last_valid = Some(vel);
         let improved = best.is_none_or(|b| vel > b);
         if improved {

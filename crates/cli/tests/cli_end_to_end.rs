@@ -6,14 +6,21 @@ use std::process::{Command, Output};
 fn savae(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_savae"))
         .args(args)
-        .env("SAVAE_DATA_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"))
+        .env(
+            "SAVAE_DATA_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
+        )
         .output()
         .expect("run savae")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = savae(args);
-    assert!(out.status.success(), "savae {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "savae {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -25,8 +32,23 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 const TINY: &[&str] = &[
-    "--device", "cpu", "--quiet", "--max-train-examples", "300", "--valid-examples", "100",
-    "--hidden", "16", "--latent-dim", "3", "--batch-size", "50", "--svi-steps", "3", "--cg-iters", "4",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--max-train-examples",
+    "300",
+    "--valid-examples",
+    "100",
+    "--hidden",
+    "16",
+    "--latent-dim",
+    "3",
+    "--batch-size",
+    "50",
+    "--svi-steps",
+    "3",
+    "--cg-iters",
+    "4",
 ];
 
 fn train(dir: &Path, extra: &[&str]) -> String {
@@ -39,19 +61,36 @@ fn train(dir: &Path, extra: &[&str]) -> String {
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
 #[test]
 fn resume_is_bit_identical_to_an_uninterrupted_run() {
-    for model in [&["--model", "savae", "--grad", "implicit"][..], &["--model", "vae-svi"][..]] {
+    for model in [
+        &["--model", "savae", "--grad", "implicit"][..],
+        &["--model", "vae-svi"][..],
+    ] {
         let straight = tmpdir("straight");
         let split = tmpdir("split");
         train(&straight, &[model, &["--epochs", "2"]].concat());
         train(&split, &[model, &["--epochs", "1"]].concat());
-        let mut args = vec!["train", "--run-dir", split.to_str().unwrap(), "--resume", "--epochs", "2", "--quiet", "--device", "cpu"];
+        let mut args = vec![
+            "train",
+            "--run-dir",
+            split.to_str().unwrap(),
+            "--resume",
+            "--epochs",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+        ];
         args.extend_from_slice(&[]);
         ok(&args);
         let a = tensors(&straight.join("last.safetensors"));
@@ -61,11 +100,16 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         assert!(a.iter().any(|(n, _)| n.starts_with("optim.m.")));
         for ((na, da), (nb, db)) in a.iter().zip(&b) {
             assert_eq!(na, nb);
-            assert!(da == db, "{model:?}: tensor {na} differs between the straight and the resumed run");
+            assert!(
+                da == db,
+                "{model:?}: tensor {na} differs between the straight and the resumed run"
+            );
         }
         // The two runs' metrics agree too (epoch lines, apart from timings).
         let epochs = |d: &Path| -> Vec<f64> {
-            std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines()
+            std::fs::read_to_string(d.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
                 .filter(|v| v["kind"] == "epoch")
                 .map(|v| v["valid_elbo_refined"].as_f64().unwrap())
@@ -83,27 +127,64 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
     train(&d, &["--epochs", "1", "--model", "savae"]);
     let bytes = std::fs::read(d.join("best.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let json: serde_json::Value = serde_json::from_str(meta.metadata().as_ref().unwrap().get("savae").unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(meta.metadata().as_ref().unwrap().get("savae").unwrap()).unwrap();
     for k in ["format_version", "dataset", "model", "epoch", "step"] {
         assert!(json.get(k).is_some(), "metadata lacks {k}");
     }
     assert_eq!(json["model"]["latent_dim"], 3);
     assert_eq!(json["model"]["hidden"], serde_json::json!([16]));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert_eq!(st.tensor("encoder.layers.0.weight").unwrap().shape(), &[16, 784]);
-    assert_eq!(st.tensor("encoder.layers.1.weight").unwrap().shape(), &[6, 16]);
-    assert_eq!(st.tensor("decoder.layers.1.weight").unwrap().shape(), &[784, 16]);
+    assert_eq!(
+        st.tensor("encoder.layers.0.weight").unwrap().shape(),
+        &[16, 784]
+    );
+    assert_eq!(
+        st.tensor("encoder.layers.1.weight").unwrap().shape(),
+        &[6, 16]
+    );
+    assert_eq!(
+        st.tensor("decoder.layers.1.weight").unwrap().shape(),
+        &[784, 16]
+    );
     assert_eq!(st.tensor("decoder.layers.1.bias").unwrap().shape(), &[784]);
     let ck = d.join("best.safetensors");
-    let out = ok(&["eval", "--checkpoint", ck.to_str().unwrap(), "--split", "valid", "--max-examples", "40",
-        "--iw-samples", "20", "--svi-steps", "5", "--device", "cpu", "--quiet"]);
+    let out = ok(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--split",
+        "valid",
+        "--max-examples",
+        "40",
+        "--iw-samples",
+        "20",
+        "--svi-steps",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for k in ["split", "examples", "elbo_amortized", "elbo_refined", "kl_refined", "nll_iw", "iw_samples", "active_units"] {
+    for k in [
+        "split",
+        "examples",
+        "elbo_amortized",
+        "elbo_refined",
+        "kl_refined",
+        "nll_iw",
+        "iw_samples",
+        "active_units",
+    ] {
         assert!(v.get(k).is_some(), "eval output lacks {k}: {v}");
     }
     assert_eq!(v["examples"], 40);
     assert_eq!(v["split"], "valid");
-    let (ea, er, nll) = (v["elbo_amortized"].as_f64().unwrap(), v["elbo_refined"].as_f64().unwrap(), v["nll_iw"].as_f64().unwrap());
+    let (ea, er, nll) = (
+        v["elbo_amortized"].as_f64().unwrap(),
+        v["elbo_refined"].as_f64().unwrap(),
+        v["nll_iw"].as_f64().unwrap(),
+    );
     assert!(ea < 0.0 && er < 0.0 && nll > 0.0, "{v}");
     // The importance-sampled bound is tighter than the ELBO (up to sampling noise).
     assert!(nll < -er + 5.0, "nll_iw {nll} vs -elbo {}", -er);
@@ -114,10 +195,23 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
 fn a_checkpoint_of_another_architecture_is_refused_naming_the_tensor() {
     let d = tmpdir("arch");
     train(&d, &["--epochs", "1", "--model", "vae"]);
-    let out = savae(&["train", "--run-dir", d.to_str().unwrap(), "--resume", "--hidden", "32", "--device", "cpu", "--quiet"]);
+    let out = savae(&[
+        "train",
+        "--run-dir",
+        d.to_str().unwrap(),
+        "--resume",
+        "--hidden",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("hidden") && err.contains("contradicts"), "{err}");
+    assert!(
+        err.contains("hidden") && err.contains("contradicts"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -130,19 +224,39 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
         (vec!["train", "--model", "vqvae"], "--model"),
         (vec!["train", "--activation", "swish"], "activation"),
         (vec!["train", "--device", "tpu"], "--device"),
-        (vec!["eval", "--checkpoint", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
+        (
+            vec!["eval", "--checkpoint", "/nonexistent.safetensors"],
+            "/nonexistent.safetensors",
+        ),
     ] {
         let mut a = args.clone();
-        a.extend(["--run-dir", d.to_str().unwrap()].iter().filter(|_| args[0] == "train"));
+        a.extend(
+            ["--run-dir", d.to_str().unwrap()]
+                .iter()
+                .filter(|_| args[0] == "train"),
+        );
         let out = savae(&a);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(needle), "{a:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{a:?}: {err}"
+        );
         assert!(!err.contains("panicked"), "{a:?} panicked: {err}");
     }
     train(&d, &["--epochs", "1", "--model", "vae"]);
-    let out = savae(&["train", "--run-dir", d.to_str().unwrap(), "--device", "cpu", "--quiet"]);
+    let out = savae(&[
+        "train",
+        "--run-dir",
+        d.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("already holds a run"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("already holds a run"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -154,20 +268,40 @@ fn without_cuda_the_cuda_device_is_a_clear_error() {
     }
     let out = savae(&["train", "--device", "cuda", "--run-dir", "/tmp/never"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("without CUDA support") && !err.contains("panicked"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("without CUDA support") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 #[test]
 fn gradcheck_passes_on_a_small_fresh_model() {
     let d = tmpdir("gradcheck");
     let out_file = d.join("grads.safetensors");
-    let out = ok(&["gradcheck", "--examples", "2", "--fd-params", "4", "--svi-steps", "1500", "--out", out_file.to_str().unwrap()]);
+    let out = ok(&[
+        "gradcheck",
+        "--examples",
+        "2",
+        "--fd-params",
+        "4",
+        "--svi-steps",
+        "1500",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["pass"], true, "{v}");
     assert!(v["rel_err_implicit_vs_fd"].as_f64().unwrap() < 1e-6);
     let bytes = std::fs::read(&out_file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    for k in ["batch_indices", "eps", "lambda0", "lambda_star", "grad.implicit.decoder.layers.0.weight", "grad.unrolled.encoder.layers.1.bias"] {
+    for k in [
+        "batch_indices",
+        "eps",
+        "lambda0",
+        "lambda_star",
+        "grad.implicit.decoder.layers.0.weight",
+        "grad.unrolled.encoder.layers.1.bias",
+    ] {
         assert!(st.tensor(k).is_ok(), "gradcheck output lacks {k}");
     }
     let _ = std::fs::remove_dir_all(&d);

@@ -18,7 +18,9 @@ fn setup(act: &str) -> (MlpVae, Tensor, Noise) {
     };
     let dev = Device::Cpu;
     let model = MlpVae::new(&cfg, 3, DType::F64, &dev).unwrap();
-    let xs: Vec<f64> = (0..3 * 12).map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64).collect();
+    let xs: Vec<f64> = (0..3 * 12)
+        .map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64)
+        .collect();
     let x = Tensor::from_vec(xs, (3, 12), &dev).unwrap();
     let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
     let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
@@ -31,12 +33,19 @@ fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
         beta: 0.7,
         svi: SviConfig {
             steps,
-            optimizer: SviOptimizer::Sgd { lr: 0.5, momentum: 0.5, clip: 1e9 },
+            optimizer: SviOptimizer::Sgd {
+                lr: 0.5,
+                momentum: 0.5,
+                clip: 1e9,
+            },
             prox: 2.0,
             tol: 0.0,
             batch_size: 1,
         },
-        cg: CgConfig { max_iters: 50, tol: 1e-13 },
+        cg: CgConfig {
+            max_iters: 50,
+            tol: 1e-13,
+        },
         damping: 0.0,
         hvp,
         cg_retries: 3,
@@ -45,11 +54,18 @@ fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
 }
 
 fn flat(ts: &[Tensor]) -> Vec<f64> {
-    ts.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap()).collect()
+    ts.iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+        .collect()
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den
 }
@@ -58,10 +74,25 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 fn implicit_unrolled_and_finite_differences_agree_in_f64() {
     let (model, x, eps) = setup("tanh");
     savae_implicit::ensure_second_order().unwrap();
-    let imp = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact)).unwrap();
-    let unr = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeUnrolled, 400, HvpKind::Exact)).unwrap();
+    let imp = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact),
+    )
+    .unwrap();
+    let unr = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeUnrolled, 400, HvpKind::Exact),
+    )
+    .unwrap();
     let svi = imp.svi.as_ref().unwrap();
-    assert!(svi.final_grad_norm_max < 1e-10, "refinement did not converge: {svi:?}");
+    assert!(
+        svi.final_grad_norm_max < 1e-10,
+        "refinement did not converge: {svi:?}"
+    );
     let gi = flat(&imp.grads);
     let gu = flat(&unr.grads);
     let e_iu = rel_err(&gi, &gu);
@@ -73,17 +104,24 @@ fn implicit_unrolled_and_finite_differences_agree_in_f64() {
     let h = 1e-5;
     let mut picked = Vec::new();
     for (vi, var) in vars.iter().enumerate() {
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         for j in [0, base.len() / 2, base.len() - 1] {
             let eval = |delta: f64| {
                 let mut w = base.clone();
                 w[j] += delta;
-                var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap())
+                    .unwrap();
                 let out = train_step(&model, &x, &eps, &cfg).unwrap();
                 out.loss
             };
             let d = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap())
+                .unwrap();
             fd.push(d);
             let offset: usize = vars[..vi].iter().map(|v| v.elem_count()).sum();
             picked.push(offset + j);
@@ -91,14 +129,29 @@ fn implicit_unrolled_and_finite_differences_agree_in_f64() {
     }
     let gi_p: Vec<f64> = picked.iter().map(|&i| gi[i]).collect();
     let e_fd = rel_err(&gi_p, &fd);
-    assert!(e_fd < 1e-6, "implicit vs finite differences relative error {e_fd}: {gi_p:?} vs {fd:?}");
+    assert!(
+        e_fd < 1e-6,
+        "implicit vs finite differences relative error {e_fd}: {gi_p:?} vs {fd:?}"
+    );
 }
 
 #[test]
 fn finite_difference_hvp_backend_matches_exact() {
     let (model, x, eps) = setup("softplus");
-    let exact = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact)).unwrap();
-    let fd = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::FiniteDifference)).unwrap();
+    let exact = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
+    )
+    .unwrap();
+    let fd = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::FiniteDifference),
+    )
+    .unwrap();
     let e = rel_err(&flat(&fd.grads), &flat(&exact.grads));
     assert!(e < 1e-6, "fd vs exact HVP backend: relative error {e}");
 }
@@ -111,13 +164,36 @@ fn exact_hvp_matches_finite_differences_on_the_elbo_for_each_activation() {
         let (model, x, eps) = setup(act);
         let dec = model.decoder.detached();
         let f = |l: &Tensor| Ok(elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 1.0)?.elbo);
-        let lam = Tensor::from_vec((0..12).map(|i| ((i as f64) * 0.61).cos() * 0.5).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
-        let v = Tensor::from_vec((0..12).map(|i| ((i as f64) * 1.7).sin()).collect::<Vec<_>>(), (3, 4), &Device::Cpu).unwrap();
+        let lam = Tensor::from_vec(
+            (0..12)
+                .map(|i| ((i as f64) * 0.61).cos() * 0.5)
+                .collect::<Vec<_>>(),
+            (3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let v = Tensor::from_vec(
+            (0..12)
+                .map(|i| ((i as f64) * 1.7).sin())
+                .collect::<Vec<_>>(),
+            (3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
         let vg = value_and_grad(f, &lam).unwrap();
-        let exact = ExactHvp { lambda: vg.lambda, grad: vg.grad }.apply(&v).unwrap();
-        let fd = FdHvp { grad_fn: |l: &Tensor| Ok(value_and_grad(f, l)?.grad.detach()), lambda: lam.clone(), rel_step: 1e-5 }
-            .apply(&v)
-            .unwrap();
+        let exact = ExactHvp {
+            lambda: vg.lambda,
+            grad: vg.grad,
+        }
+        .apply(&v)
+        .unwrap();
+        let fd = FdHvp {
+            grad_fn: |l: &Tensor| Ok(value_and_grad(f, l)?.grad.detach()),
+            lambda: lam.clone(),
+            rel_step: 1e-5,
+        }
+        .apply(&v)
+        .unwrap();
         let e = rel_err(&flat(&[exact]), &flat(&[fd]));
         assert!(e < 1e-6, "{act}: exact vs fd HVP relative error {e}");
     }
@@ -129,10 +205,26 @@ fn implicit_and_unrolled_agree_in_f32() {
     let m32 = model.to(DType::F32, &Device::Cpu).unwrap();
     let x32 = x.to_dtype(DType::F32).unwrap();
     let eps32 = Noise(eps.0.to_dtype(DType::F32).unwrap());
-    let imp = train_step(&m32, &x32, &eps32, &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact)).unwrap();
-    let unr = train_step(&m32, &x32, &eps32, &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact)).unwrap();
-    let conv = |o: &savae_cli::step::StepOutput| o.grads.iter().map(|g| g.to_dtype(DType::F64).unwrap()).collect::<Vec<_>>();
+    let imp = train_step(
+        &m32,
+        &x32,
+        &eps32,
+        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
+    )
+    .unwrap();
+    let unr = train_step(
+        &m32,
+        &x32,
+        &eps32,
+        &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact),
+    )
+    .unwrap();
+    let conv = |o: &savae_cli::step::StepOutput| {
+        o.grads
+            .iter()
+            .map(|g| g.to_dtype(DType::F64).unwrap())
+            .collect::<Vec<_>>()
+    };
     let e = rel_err(&flat(&conv(&imp)), &flat(&conv(&unr)));
     assert!(e < 1e-3, "f32 implicit vs unrolled relative error {e}");
 }
-

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_savae"));
-    c.env("SAVAE_DATA_DIR", concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"));
+    c.env(
+        "SAVAE_DATA_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
+    );
     c
 }
 
@@ -19,26 +22,58 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 const TINY: &[&str] = &[
-    "--device", "cpu", "--quiet", "--max-train-examples", "1000", "--valid-examples", "100",
-    "--hidden", "16", "--latent-dim", "3", "--batch-size", "25", "--svi-steps", "3", "--cg-iters", "3",
-    "--model", "savae", "--log-every", "1",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--max-train-examples",
+    "1000",
+    "--valid-examples",
+    "100",
+    "--hidden",
+    "16",
+    "--latent-dim",
+    "3",
+    "--batch-size",
+    "25",
+    "--svi-steps",
+    "3",
+    "--cg-iters",
+    "3",
+    "--model",
+    "savae",
+    "--log-every",
+    "1",
 ];
 
 fn train_args(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec!["train".into(), "--run-dir".into(), dir.display().to_string()];
+    let mut a: Vec<String> = vec![
+        "train".into(),
+        "--run-dir".into(),
+        dir.display().to_string(),
+    ];
     a.extend(TINY.iter().map(|s| s.to_string()));
     a.extend(extra.iter().map(|s| s.to_string()));
     a
 }
 
 fn steps_logged(dir: &Path) -> usize {
-    std::fs::read_to_string(dir.join("metrics.jsonl")).map(|s| s.lines().filter(|l| l.contains("\"kind\":\"step\"")).count()).unwrap_or(0)
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains("\"kind\":\"step\""))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -46,14 +81,34 @@ fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
     let straight = tmpdir("straight");
-    let st = bin().args(train_args(&straight, &["--epochs", "2"])).output().unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let st = bin()
+        .args(train_args(&straight, &["--epochs", "2"]))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let cut = tmpdir("cut");
     // Run one epoch so that a checkpoint exists, then interrupt the second one mid-way.
-    let first = bin().args(train_args(&cut, &["--epochs", "1"])).output().unwrap();
+    let first = bin()
+        .args(train_args(&cut, &["--epochs", "1"]))
+        .output()
+        .unwrap();
     assert!(first.status.success());
     let child = bin()
-        .args(["train", "--run-dir", cut.to_str().unwrap(), "--resume", "--epochs", "2", "--quiet", "--device", "cpu"])
+        .args([
+            "train",
+            "--run-dir",
+            cut.to_str().unwrap(),
+            "--resume",
+            "--epochs",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+        ])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -62,17 +117,44 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
     while steps_logged(&cut) < before + 5 && start.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("--resume"), "the message says how to resume: {err}");
-    let resumed = bin().args(["train", "--run-dir", cut.to_str().unwrap(), "--resume", "--quiet", "--device", "cpu"]).output().unwrap();
-    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
-    let (a, b) = (tensors(&straight.join("last.safetensors")), tensors(&cut.join("last.safetensors")));
+    assert!(
+        err.contains("--resume"),
+        "the message says how to resume: {err}"
+    );
+    let resumed = bin()
+        .args([
+            "train",
+            "--run-dir",
+            cut.to_str().unwrap(),
+            "--resume",
+            "--quiet",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let (a, b) = (
+        tensors(&straight.join("last.safetensors")),
+        tensors(&cut.join("last.safetensors")),
+    );
     assert_eq!(a.len(), b.len());
     for ((na, da), (_, db)) in a.iter().zip(&b) {
-        assert!(da == db, "tensor {na} differs after an interrupted and resumed run");
+        assert!(
+            da == db,
+            "tensor {na} differs after an interrupted and resumed run"
+        );
     }
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&cut);
@@ -81,15 +163,32 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
 #[test]
 fn sigkill_at_random_moments_always_leaves_a_loadable_checkpoint() {
     let dir = tmpdir("kill");
-    let first = bin().args(train_args(&dir, &["--epochs", "1"])).output().unwrap();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let first = bin()
+        .args(train_args(&dir, &["--epochs", "1"]))
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let mut epochs = 1;
     let mut seed: u64 = 0x9e3779b97f4a7c15;
     for round in 0..20 {
         epochs += 1;
         let e = epochs.to_string();
         let mut child = bin()
-            .args(["train", "--run-dir", dir.to_str().unwrap(), "--resume", "--epochs", &e, "--quiet", "--device", "cpu"])
+            .args([
+                "train",
+                "--run-dir",
+                dir.to_str().unwrap(),
+                "--resume",
+                "--epochs",
+                &e,
+                "--quiet",
+                "--device",
+                "cpu",
+            ])
             .stderr(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -103,12 +202,38 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_checkpoint() {
         // Whatever moment it died at, the checkpoint loads and evaluates.
         let ck = dir.join("last.safetensors");
         let out = bin()
-            .args(["eval", "--checkpoint", ck.to_str().unwrap(), "--max-examples", "10", "--iw-samples", "2", "--svi-steps", "1", "--quiet", "--device", "cpu", "--split", "valid"])
+            .args([
+                "eval",
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                "--max-examples",
+                "10",
+                "--iw-samples",
+                "2",
+                "--svi-steps",
+                "1",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--split",
+                "valid",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "round {round}: checkpoint unloadable: {}", String::from_utf8_lossy(&out.stderr));
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-        assert!(leftovers.len() <= 4, "round {round}: stray files {leftovers:?}");
+        assert!(
+            out.status.success(),
+            "round {round}: checkpoint unloadable: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            leftovers.len() <= 4,
+            "round {round}: stray files {leftovers:?}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -28,7 +28,10 @@ pub fn parse(bytes: &[u8], expected_rows: usize, what: &str) -> Result<Vec<f32>>
             n += 1;
         }
         if n != PIXELS {
-            bail!("{what}: line {} has {n} values, expected {PIXELS} (truncated or corrupt)", lineno + 1);
+            bail!(
+                "{what}: line {} has {n} values, expected {PIXELS} (truncated or corrupt)",
+                lineno + 1
+            );
         }
         rows += 1;
     }

@@ -19,7 +19,10 @@ fn be_u32(bytes: &[u8], at: usize) -> u32 {
 /// Parses an idx3 image file (already decompressed). `what` names it in errors.
 pub fn parse_images(bytes: &[u8], what: &str) -> Result<IdxImages> {
     if bytes.len() < 16 {
-        bail!("{what}: too short for an idx3 header ({} bytes)", bytes.len());
+        bail!(
+            "{what}: too short for an idx3 header ({} bytes)",
+            bytes.len()
+        );
     }
     let magic = be_u32(bytes, 0);
     if magic != 0x0803 {
@@ -38,13 +41,21 @@ pub fn parse_images(bytes: &[u8], what: &str) -> Result<IdxImages> {
             bytes.len() - 16
         );
     }
-    Ok(IdxImages { count, rows, cols, pixels: bytes[16..].to_vec() })
+    Ok(IdxImages {
+        count,
+        rows,
+        cols,
+        pixels: bytes[16..].to_vec(),
+    })
 }
 
 /// Parses an idx1 label file (already decompressed).
 pub fn parse_labels(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
     if bytes.len() < 8 {
-        bail!("{what}: too short for an idx1 header ({} bytes)", bytes.len());
+        bail!(
+            "{what}: too short for an idx1 header ({} bytes)",
+            bytes.len()
+        );
     }
     let magic = be_u32(bytes, 0);
     if magic != 0x0801 {
@@ -52,7 +63,10 @@ pub fn parse_labels(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
     }
     let count = be_u32(bytes, 4) as usize;
     if bytes.len() - 8 != count {
-        bail!("{what}: header says {count} labels but the file holds {}", bytes.len() - 8);
+        bail!(
+            "{what}: header says {count} labels but the file holds {}",
+            bytes.len() - 8
+        );
     }
     let labels = bytes[8..].to_vec();
     if let Some(bad) = labels.iter().find(|&&l| l > 9) {

@@ -85,13 +85,21 @@ impl ImageSplit {
         for &i in indices {
             pixels.extend_from_slice(&self.pixels[i * PIXELS..(i + 1) * PIXELS]);
         }
-        ImageSplit { pixels, len: indices.len(), dynamic: self.dynamic }
+        ImageSplit {
+            pixels,
+            len: indices.len(),
+            dynamic: self.dynamic,
+        }
     }
 
     /// The first `n` examples (file order).
     pub fn truncate(&self, n: usize) -> ImageSplit {
         let n = n.min(self.len);
-        ImageSplit { pixels: self.pixels[..n * PIXELS].to_vec(), len: n, dynamic: self.dynamic }
+        ImageSplit {
+            pixels: self.pixels[..n * PIXELS].to_vec(),
+            len: n,
+            dynamic: self.dynamic,
+        }
     }
 
     /// The binary pixels of the examples `indices`, flattened `[indices.len() * PIXELS]`.
@@ -101,7 +109,10 @@ impl ImageSplit {
         for &i in indices {
             let row = &self.pixels[i * PIXELS..(i + 1) * PIXELS];
             if self.dynamic {
-                out.extend(row.iter().map(|&p| if rng.random::<f32>() < p { 1.0 } else { 0.0 }));
+                out.extend(
+                    row.iter()
+                        .map(|&p| if rng.random::<f32>() < p { 1.0 } else { 0.0 }),
+                );
             } else {
                 out.extend_from_slice(row);
             }
@@ -142,7 +153,11 @@ fn load_amat(dir: &Path, rel: &str, rows: usize) -> Result<ImageSplit> {
     let gz = checksum::read_verified(dir, rel)?;
     let text = checksum::gunzip(&gz, &what)?;
     let pixels = amat::parse(&text, rows, &what)?;
-    Ok(ImageSplit { pixels, len: rows, dynamic: false })
+    Ok(ImageSplit {
+        pixels,
+        len: rows,
+        dynamic: false,
+    })
 }
 
 fn load_static(dir: &Path) -> Result<ImageData> {
@@ -168,14 +183,22 @@ fn load_idx(dir: &Path, rel: &str, count: usize) -> Result<ImageSplit> {
         );
     }
     let pixels = images.pixels.iter().map(|&p| p as f32 / 255.0).collect();
-    Ok(ImageSplit { pixels, len: count, dynamic: true })
+    Ok(ImageSplit {
+        pixels,
+        len: count,
+        dynamic: true,
+    })
 }
 
 /// Binarizes a grey split once with a fixed seed (for reproducible evaluation).
 fn binarize_fixed(split: &ImageSplit, stream: u64) -> ImageSplit {
     let mut rng = batch_rng(0x5eed, stream, 0, 0);
     let all: Vec<usize> = (0..split.len).collect();
-    ImageSplit { pixels: split.batch(&all, &mut rng), len: split.len, dynamic: false }
+    ImageSplit {
+        pixels: split.batch(&all, &mut rng),
+        len: split.len,
+        dynamic: false,
+    }
 }
 
 fn load_dynamic(dir: &Path) -> Result<ImageData> {

@@ -52,7 +52,9 @@ pub fn solve_adjoint(
     let shift = gamma + damping;
     let op = ShiftedNegHessian { hvp, shift };
     let nb = g.dim(0)?;
-    let skip: Vec<bool> = (0..nb).map(|i| untrusted.get(i).copied().unwrap_or(false)).collect();
+    let skip: Vec<bool> = (0..nb)
+        .map(|i| untrusted.get(i).copied().unwrap_or(false))
+        .collect();
     let n_untrusted = skip.iter().filter(|&&s| s).count();
     let rhs = if n_untrusted > 0 {
         let keep: Vec<f64> = skip.iter().map(|&s| if s { 0.0 } else { 1.0 }).collect();
@@ -62,7 +64,11 @@ pub fn solve_adjoint(
     };
     let (mut u, report) = batched_cg(&op, &rhs, cfg)?;
     let mut failed: Vec<bool> = report.status.iter().map(|s| s.failed()).collect();
-    let retried = if retries > 0 { failed.iter().filter(|&&f| f).count() } else { 0 };
+    let retried = if retries > 0 {
+        failed.iter().filter(|&&f| f).count()
+    } else {
+        0
+    };
     let mut last_shift = shift;
     let base = if shift > 0.0 { shift } else { 1.0 };
     for r in 1..=retries {
@@ -72,7 +78,10 @@ pub fn solve_adjoint(
         last_shift = base * 10f64.powi(r as i32);
         let keep: Vec<f64> = failed.iter().map(|&f| f as u8 as f64).collect();
         let rhs = g.broadcast_mul(&column(&keep, g)?)?;
-        let op = ShiftedNegHessian { hvp, shift: last_shift };
+        let op = ShiftedNegHessian {
+            hvp,
+            shift: last_shift,
+        };
         let (ur, rep) = batched_cg(&op, &rhs, cfg)?;
         u = (&u + ur.broadcast_mul(&column(&keep, g)?)?)?;
         for i in 0..nb {
@@ -82,14 +91,32 @@ pub fn solve_adjoint(
         }
     }
     let fallbacks = failed.iter().filter(|&&f| f).count();
-    let keep: Vec<f64> = (0..nb).map(|i| if skip[i] || failed[i] { 0.0 } else { 1.0 }).collect();
+    let keep: Vec<f64> = (0..nb)
+        .map(|i| if skip[i] || failed[i] { 0.0 } else { 1.0 })
+        .collect();
     let u_solved = u.broadcast_mul(&column(&keep, g)?)?;
     if fallbacks + n_untrusted > 0 {
         let w: Vec<f64> = (0..nb)
-            .map(|i| if skip[i] { 1.0 / base } else if failed[i] { 1.0 / last_shift } else { 0.0 })
+            .map(|i| {
+                if skip[i] {
+                    1.0 / base
+                } else if failed[i] {
+                    1.0 / last_shift
+                } else {
+                    0.0
+                }
+            })
             .collect();
         u = (&u + g.broadcast_mul(&column(&w, g)?)?)?;
     }
     let lambda0_grad = (&u * gamma)?;
-    Ok(AdjointSolution { u, lambda0_grad, report, retried, fallbacks, untrusted: n_untrusted, u_solved })
+    Ok(AdjointSolution {
+        u,
+        lambda0_grad,
+        report,
+        retried,
+        fallbacks,
+        untrusted: n_untrusted,
+        u_solved,
+    })
 }

@@ -24,7 +24,11 @@ pub fn ensure_second_order() -> Result<()> {
     let g = y.backward()?.get(x.as_tensor()).cloned();
     let want = 2.0 * (1.4f64).cos();
     let second = match g {
-        Some(g) => g.sum_all()?.backward()?.get(x.as_tensor()).map(|t| t.to_vec1::<f64>()),
+        Some(g) => g
+            .sum_all()?
+            .backward()?
+            .get(x.as_tensor())
+            .map(|t| t.to_vec1::<f64>()),
         None => None,
     };
     match second {
@@ -51,7 +55,10 @@ pub struct ValueGrad {
 }
 
 /// Evaluates `f(λ) → [B]` at `lambda` (detached and made a variable) and its gradient.
-pub fn value_and_grad(f: impl FnOnce(&Tensor) -> Result<Tensor>, lambda: &Tensor) -> Result<ValueGrad> {
+pub fn value_and_grad(
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    lambda: &Tensor,
+) -> Result<ValueGrad> {
     let var = Var::from_tensor(&lambda.detach())?;
     let values = f(var.as_tensor())?;
     let store = values.sum_all()?.backward()?;
@@ -59,7 +66,12 @@ pub fn value_and_grad(f: impl FnOnce(&Tensor) -> Result<Tensor>, lambda: &Tensor
         Some(g) => g.clone(),
         None => var.as_tensor().zeros_like()?,
     };
-    Ok(ValueGrad { lambda: var, values, grad, store })
+    Ok(ValueGrad {
+        lambda: var,
+        values,
+        grad,
+        store,
+    })
 }
 
 /// Gradient of `Σ (a ⊙ b)` for the given variables, zeros where a variable is unreached.
@@ -75,5 +87,9 @@ pub fn grads_of_dot(a: &Tensor, b: &Tensor, vars: &[&Tensor]) -> Result<Vec<Tens
 
 /// Converts `t` to `dtype` only if needed.
 pub fn as_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    Ok(if t.dtype() == dtype { t.clone() } else { t.to_dtype(dtype)? })
+    Ok(if t.dtype() == dtype {
+        t.clone()
+    } else {
+        t.to_dtype(dtype)?
+    })
 }

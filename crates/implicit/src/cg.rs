@@ -22,7 +22,10 @@ pub struct CgConfig {
 
 impl Default for CgConfig {
     fn default() -> Self {
-        Self { max_iters: 20, tol: 1e-5 }
+        Self {
+            max_iters: 20,
+            tol: 1e-5,
+        }
     }
 }
 
@@ -65,18 +68,28 @@ impl CgReport {
         self.iterations.iter().copied().max().unwrap_or(0)
     }
     pub fn max_residual(&self) -> f64 {
-        self.residual.iter().copied().filter(|r| r.is_finite()).fold(0.0, f64::max)
+        self.residual
+            .iter()
+            .copied()
+            .filter(|r| r.is_finite())
+            .fold(0.0, f64::max)
     }
 }
 
 fn mask_rows(mask: &[bool], like: &Tensor) -> Result<Tensor> {
     let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-    Ok(Tensor::from_vec(m, (mask.len(), 1), like.device())?.broadcast_as(like.shape())?.contiguous()?)
+    Ok(Tensor::from_vec(m, (mask.len(), 1), like.device())?
+        .broadcast_as(like.shape())?
+        .contiguous()?)
 }
 
 /// Solves `A x = b` for `b: [B, n]`; returns `x: [B, n]` and the report. Rows that fail
 /// are returned as zeros (never NaN) with their status set: the caller decides.
-pub fn batched_cg(op: &dyn BatchedOperator, b: &Tensor, cfg: &CgConfig) -> Result<(Tensor, CgReport)> {
+pub fn batched_cg(
+    op: &dyn BatchedOperator,
+    b: &Tensor,
+    cfg: &CgConfig,
+) -> Result<(Tensor, CgReport)> {
     let nb = b.dim(0)?;
     let mut x = b.zeros_like()?;
     let mut r = b.clone();
@@ -147,7 +160,20 @@ pub fn batched_cg(op: &dyn BatchedOperator, b: &Tensor, cfg: &CgConfig) -> Resul
         x = mask_rows(&failed, b)?.where_cond(&x.zeros_like()?, &x)?;
     }
     let residual = (0..nb)
-        .map(|i| if bnorm[i] > 0.0 { rs[i].sqrt() / bnorm[i] } else { 0.0 })
+        .map(|i| {
+            if bnorm[i] > 0.0 {
+                rs[i].sqrt() / bnorm[i]
+            } else {
+                0.0
+            }
+        })
         .collect();
-    Ok((x, CgReport { status, iterations, residual }))
+    Ok((
+        x,
+        CgReport {
+            status,
+            iterations,
+            residual,
+        },
+    ))
 }

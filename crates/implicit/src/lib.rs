@@ -23,7 +23,7 @@ pub mod mixed;
 pub mod operator;
 
 pub use adjoint::{solve_adjoint, AdjointSolution};
-pub use autodiff::{ensure_second_order, enable_second_order, value_and_grad, ValueGrad};
+pub use autodiff::{enable_second_order, ensure_second_order, value_and_grad, ValueGrad};
 pub use cg::{batched_cg, CgConfig, CgReport, CgStatus};
 pub use mixed::{mixed_product_exact, mixed_product_fd};
 pub use operator::{BatchedOperator, ExactHvp, FdHvp, HvpKind, ShiftedNegHessian};

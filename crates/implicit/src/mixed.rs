@@ -27,11 +27,17 @@ pub fn mixed_product_fd(
     };
     let u_rms = rms(u)?;
     if u_rms == 0.0 {
-        return theta_grad_fn(lambda)?.iter().map(|g| Ok(g.zeros_like()?)).collect();
+        return theta_grad_fn(lambda)?
+            .iter()
+            .map(|g| Ok(g.zeros_like()?))
+            .collect();
     }
     let h = rel_step * (1.0 + rms(lambda)?) / u_rms;
     let step = (u * h)?;
     let plus = theta_grad_fn(&(lambda + &step)?)?;
     let minus = theta_grad_fn(&(lambda - &step)?)?;
-    plus.iter().zip(&minus).map(|(p, m)| Ok(((p - m)? * (0.5 / h))?)).collect()
+    plus.iter()
+        .zip(&minus)
+        .map(|(p, m)| Ok(((p - m)? * (0.5 / h))?))
+        .collect()
 }

@@ -77,13 +77,22 @@ impl<F: Fn(&Tensor) -> Result<Tensor>> BatchedOperator for FdHvp<F> {
         let h: Vec<f64> = lam_norm
             .iter()
             .zip(&v_norm)
-            .map(|(l, vn)| if *vn > 0.0 { self.rel_step * (1.0 + l) / vn } else { 0.0 })
+            .map(|(l, vn)| {
+                if *vn > 0.0 {
+                    self.rel_step * (1.0 + l) / vn
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let hcol = column(&h, v)?;
         let step = v.broadcast_mul(&hcol)?;
         let plus = (self.grad_fn)(&(&self.lambda + &step)?)?;
         let minus = (self.grad_fn)(&(&self.lambda - &step)?)?;
-        let inv: Vec<f64> = h.iter().map(|h| if *h > 0.0 { 0.5 / h } else { 0.0 }).collect();
+        let inv: Vec<f64> = h
+            .iter()
+            .map(|h| if *h > 0.0 { 0.5 / h } else { 0.0 })
+            .collect();
         Ok((plus - minus)?.broadcast_mul(&column(&inv, v)?)?)
     }
 }

@@ -31,9 +31,20 @@ fn solves_spd_blocks_exactly() {
     // A1 = [[4,1],[1,3]], b1 = [1,2] → x1 = [1/11, 7/11]; A2 = 2I, b2 = [2,-4] → [1,-2].
     let op = Blocks(vec![vec![4.0, 1.0, 1.0, 3.0], vec![2.0, 0.0, 0.0, 2.0]], 2);
     let b = rows(&[&[1.0, 2.0], &[2.0, -4.0]]);
-    let (x, rep) = batched_cg(&op, &b, &CgConfig { max_iters: 10, tol: 1e-12 }).unwrap();
+    let (x, rep) = batched_cg(
+        &op,
+        &b,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+    )
+    .unwrap();
     let x = x.to_vec2::<f64>().unwrap();
-    assert!((x[0][0] - 1.0 / 11.0).abs() < 1e-12 && (x[0][1] - 7.0 / 11.0).abs() < 1e-12, "{x:?}");
+    assert!(
+        (x[0][0] - 1.0 / 11.0).abs() < 1e-12 && (x[0][1] - 7.0 / 11.0).abs() < 1e-12,
+        "{x:?}"
+    );
     assert!((x[1][0] - 1.0).abs() < 1e-12 && (x[1][1] + 2.0).abs() < 1e-12);
     assert_eq!(rep.status, vec![CgStatus::Converged; 2]);
     assert_eq!(rep.iterations, vec![2, 1]);
@@ -43,20 +54,54 @@ fn solves_spd_blocks_exactly() {
 fn reports_negative_curvature_on_an_indefinite_block_and_leaves_others_alone() {
     let op = Blocks(vec![vec![1.0, 0.0, 0.0, -2.0], vec![4.0, 1.0, 1.0, 3.0]], 2);
     let b = rows(&[&[1.0, 1.0], &[1.0, 2.0]]);
-    let (x, rep) = batched_cg(&op, &b, &CgConfig { max_iters: 10, tol: 1e-12 }).unwrap();
+    let (x, rep) = batched_cg(
+        &op,
+        &b,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+    )
+    .unwrap();
     assert_eq!(rep.status[0], CgStatus::NegativeCurvature);
     assert_eq!(rep.status[1], CgStatus::Converged);
     let x = x.to_vec2::<f64>().unwrap();
-    assert_eq!(x[0], vec![0.0, 0.0], "a failed row is zero, flagged, never NaN");
+    assert_eq!(
+        x[0],
+        vec![0.0, 0.0],
+        "a failed row is zero, flagged, never NaN"
+    );
     assert!((x[1][0] - 1.0 / 11.0).abs() < 1e-12);
 }
 
 #[test]
 fn a_diverging_example_does_not_affect_the_others() {
-    let op = Blocks(vec![vec![f64::NAN, 0.0, 0.0, 1.0], vec![4.0, 1.0, 1.0, 3.0], vec![2.0, 0.0, 0.0, 2.0]], 2);
+    let op = Blocks(
+        vec![
+            vec![f64::NAN, 0.0, 0.0, 1.0],
+            vec![4.0, 1.0, 1.0, 3.0],
+            vec![2.0, 0.0, 0.0, 2.0],
+        ],
+        2,
+    );
     let b = rows(&[&[1.0, 1.0], &[1.0, 2.0], &[2.0, -4.0]]);
-    let (x, rep) = batched_cg(&op, &b, &CgConfig { max_iters: 10, tol: 1e-12 }).unwrap();
-    assert_eq!(rep.status, vec![CgStatus::NonFinite, CgStatus::Converged, CgStatus::Converged]);
+    let (x, rep) = batched_cg(
+        &op,
+        &b,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        rep.status,
+        vec![
+            CgStatus::NonFinite,
+            CgStatus::Converged,
+            CgStatus::Converged
+        ]
+    );
     let x = x.to_vec2::<f64>().unwrap();
     assert!(x[0].iter().all(|v| *v == 0.0));
     assert!((x[1][1] - 7.0 / 11.0).abs() < 1e-12 && (x[2][1] + 2.0).abs() < 1e-12);
@@ -64,11 +109,26 @@ fn a_diverging_example_does_not_affect_the_others() {
 
 #[test]
 fn max_iterations_is_reported_with_its_residual() {
-    let op = Blocks(vec![vec![1.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 100.0]], 3);
+    let op = Blocks(
+        vec![vec![1.0, 0.0, 0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 100.0]],
+        3,
+    );
     let b = rows(&[&[1.0, 1.0, 1.0]]);
-    let (_, rep) = batched_cg(&op, &b, &CgConfig { max_iters: 1, tol: 1e-12 }).unwrap();
+    let (_, rep) = batched_cg(
+        &op,
+        &b,
+        &CgConfig {
+            max_iters: 1,
+            tol: 1e-12,
+        },
+    )
+    .unwrap();
     assert_eq!(rep.status, vec![CgStatus::MaxIterations]);
-    assert!(rep.residual[0] > 1e-3 && rep.residual[0].is_finite(), "{:?}", rep.residual);
+    assert!(
+        rep.residual[0] > 1e-3 && rep.residual[0].is_finite(),
+        "{:?}",
+        rep.residual
+    );
     assert_eq!(rep.iterations, vec![1]);
 }
 
@@ -85,15 +145,33 @@ impl BatchedOperator for Hess {
 fn adjoint_fallback_damps_failed_examples_and_counts_them() {
     let h = Hess(vec![vec![-1.0, 0.0, 0.0, 3.0], vec![-2.0, 0.0, 0.0, -1.0]]);
     let g = rows(&[&[1.0, 1.0], &[1.0, 1.0]]);
-    let sol = solve_adjoint(&h, &g, 1.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 3, &[]).unwrap();
+    let sol = solve_adjoint(
+        &h,
+        &g,
+        1.0,
+        0.0,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+        3,
+        &[],
+    )
+    .unwrap();
     assert_eq!(sol.report.status[0], CgStatus::NegativeCurvature);
     assert_eq!(sol.retried, 1);
     assert_eq!(sol.fallbacks, 0);
     let u = sol.u.to_vec2::<f64>().unwrap();
     // Example 1 solved exactly: (I − H) u = g → u = [1/3, 1/2].
-    assert!((u[1][0] - 1.0 / 3.0).abs() < 1e-12 && (u[1][1] - 0.5).abs() < 1e-12, "{u:?}");
+    assert!(
+        (u[1][0] - 1.0 / 3.0).abs() < 1e-12 && (u[1][1] - 0.5).abs() < 1e-12,
+        "{u:?}"
+    );
     // Example 0 with shift 10: (10 I − H) u = g → u = [1/11, 1/7], finite and non-zero.
-    assert!((u[0][0] - 1.0 / 11.0).abs() < 1e-12 && (u[0][1] - 1.0 / 7.0).abs() < 1e-12, "{u:?}");
+    assert!(
+        (u[0][0] - 1.0 / 11.0).abs() < 1e-12 && (u[0][1] - 1.0 / 7.0).abs() < 1e-12,
+        "{u:?}"
+    );
     let l0 = sol.lambda0_grad.to_vec2::<f64>().unwrap();
     assert!((l0[1][1] - 0.5).abs() < 1e-12);
 }
@@ -102,20 +180,50 @@ fn adjoint_fallback_damps_failed_examples_and_counts_them() {
 fn adjoint_falls_back_to_steepest_descent_when_damping_does_not_help() {
     let h = Hess(vec![vec![f64::NAN, 0.0, 0.0, 1.0]]);
     let g = rows(&[&[1.0, 2.0]]);
-    let sol = solve_adjoint(&h, &g, 2.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 2, &[]).unwrap();
+    let sol = solve_adjoint(
+        &h,
+        &g,
+        2.0,
+        0.0,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+        2,
+        &[],
+    )
+    .unwrap();
     assert_eq!(sol.fallbacks, 1);
     let u = sol.u.to_vec2::<f64>().unwrap();
-    assert!((u[0][0] - 1.0 / 200.0).abs() < 1e-15 && (u[0][1] - 2.0 / 200.0).abs() < 1e-15, "{u:?}");
+    assert!(
+        (u[0][0] - 1.0 / 200.0).abs() < 1e-15 && (u[0][1] - 2.0 / 200.0).abs() < 1e-15,
+        "{u:?}"
+    );
 }
 
 #[test]
 fn untrusted_examples_skip_the_solve_and_take_the_identity_fallback() {
     let h = Hess(vec![vec![-1.0, 0.0, 0.0, 3.0], vec![-2.0, 0.0, 0.0, -1.0]]);
     let g = rows(&[&[1.0, 1.0], &[1.0, 1.0]]);
-    let sol = solve_adjoint(&h, &g, 2.0, 0.0, &CgConfig { max_iters: 10, tol: 1e-12 }, 0, &[true, false]).unwrap();
+    let sol = solve_adjoint(
+        &h,
+        &g,
+        2.0,
+        0.0,
+        &CgConfig {
+            max_iters: 10,
+            tol: 1e-12,
+        },
+        0,
+        &[true, false],
+    )
+    .unwrap();
     assert_eq!((sol.untrusted, sol.fallbacks, sol.retried), (1, 0, 0));
     let l0 = sol.lambda0_grad.to_vec2::<f64>().unwrap();
     assert_eq!(l0[0], vec![1.0, 1.0], "γ u = g for an untrusted example");
     // Example 1 solved exactly: (2I − H) u = g → u = [1/4, 1/3], γu = [1/2, 2/3].
-    assert!((l0[1][0] - 0.5).abs() < 1e-12 && (l0[1][1] - 2.0 / 3.0).abs() < 1e-12, "{l0:?}");
+    assert!(
+        (l0[1][0] - 0.5).abs() < 1e-12 && (l0[1][1] - 2.0 / 3.0).abs() < 1e-12,
+        "{l0:?}"
+    );
 }

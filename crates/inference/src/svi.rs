@@ -18,15 +18,29 @@ pub enum SviOptimizer {
     /// SGD with momentum on the batch-mean loss, per-example gradient clipping.
     Sgd { lr: f64, momentum: f64, clip: f64 },
     /// Adam with per-coordinate moments.
-    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64 },
+    Adam {
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+    },
 }
 
 impl SviOptimizer {
     /// `sgd` or `adam` with the SA-VAE / PyTorch defaults and learning rate `lr`.
     pub fn parse(name: &str, lr: f64) -> Result<Self> {
         Ok(match name {
-            "sgd" => Self::Sgd { lr, momentum: 0.5, clip: 5.0 },
-            "adam" => Self::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+            "sgd" => Self::Sgd {
+                lr,
+                momentum: 0.5,
+                clip: 5.0,
+            },
+            "adam" => Self::Adam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
             other => bail!("unknown --svi-optimizer {other:?}: expected sgd or adam"),
         })
     }
@@ -95,13 +109,20 @@ pub fn refine(
     let mut last_norms_t = None;
     for k in 0..=cfg.steps {
         let (values, g) = grad_fn(&lambda)?;
-        let g = if cfg.prox > 0.0 { (g - ((&lambda - &lambda0)? * cfg.prox)?)? } else { g };
+        let g = if cfg.prox > 0.0 {
+            (g - ((&lambda - &lambda0)? * cfg.prox)?)?
+        } else {
+            g
+        };
         let norms = g.sqr()?.sum_keepdim(1)?.sqrt()?; // [B, 1]
         means.push(values.mean_all()?.to_dtype(DType::F64)?);
         maxes.push(norms.max_all()?.to_dtype(DType::F64)?);
         let stop = k == cfg.steps
             || (cfg.tol > 0.0 && {
-                let n = norms.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let n = norms
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
                 n.iter().all(|&x| x < cfg.tol)
             });
         last_norms_t = Some(norms.clone());
@@ -122,7 +143,12 @@ pub fn refine(
                 m = ((&m * momentum)? + g.broadcast_mul(&(c * scale)?)?)?;
                 lambda = (&lambda + (&m * lr)?)?;
             }
-            SviOptimizer::Adam { lr, beta1, beta2, eps } => {
+            SviOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            } => {
                 let t = (k + 1) as i32;
                 m = ((&m * beta1)? + (&g * (1.0 - beta1))?)?;
                 v = ((&v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -136,7 +162,11 @@ pub fn refine(
     let means = Tensor::stack(&means, 0)?.to_vec1::<f64>()?;
     let maxes = Tensor::stack(&maxes, 0)?.to_vec1::<f64>()?;
     let trace = (0..means.len())
-        .map(|k| SviStep { step: k, mean_objective: means[k], max_grad_norm: maxes[k] })
+        .map(|k| SviStep {
+            step: k,
+            mean_objective: means[k],
+            max_grad_norm: maxes[k],
+        })
         .collect();
     let mut last_norms = match last_norms_t {
         Some(t) => t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
@@ -145,11 +175,18 @@ pub fn refine(
     // Reset diverged examples to λ0.
     let bad: Vec<bool> = last_norms.iter().map(|n| !n.is_finite()).collect();
     let lam_ok = row_norms(&lambda)?;
-    let bad: Vec<bool> = bad.iter().zip(&lam_ok).map(|(b, l)| *b || !l.is_finite()).collect();
+    let bad: Vec<bool> = bad
+        .iter()
+        .zip(&lam_ok)
+        .map(|(b, l)| *b || !l.is_finite())
+        .collect();
     let resets = bad.iter().filter(|&&b| b).count();
     if resets > 0 {
         let keep: Vec<f64> = bad.iter().map(|&b| if b { 0.0 } else { 1.0 }).collect();
-        let mask = column(&keep, &lambda)?.ne(0.0)?.broadcast_as(lambda.shape())?.contiguous()?;
+        let mask = column(&keep, &lambda)?
+            .ne(0.0)?
+            .broadcast_as(lambda.shape())?
+            .contiguous()?;
         lambda = mask.where_cond(&lambda, &lambda0)?;
         for (n, b) in last_norms.iter_mut().zip(&bad) {
             if *b {
@@ -157,5 +194,12 @@ pub fn refine(
             }
         }
     }
-    Ok(Refinement { lambda, steps, trace, final_grad_norm: last_norms, resets, path })
+    Ok(Refinement {
+        lambda,
+        steps,
+        trace,
+        final_grad_norm: last_norms,
+        resets,
+        path,
+    })
 }

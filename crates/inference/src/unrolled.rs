@@ -60,5 +60,8 @@ pub fn unrolled_backward(
         }
         mbar = (&mbar * momentum)?;
     }
-    Ok(UnrolledGrad { lambda0_grad: (lbar + l0bar)?, theta_grads: theta })
+    Ok(UnrolledGrad {
+        lambda0_grad: (lbar + l0bar)?,
+        theta_grads: theta,
+    })
 }

@@ -72,7 +72,8 @@ fn map_par<T: Copy + Send + Sync>(v: &[T], f: fn(T) -> T) -> Vec<T> {
         return v.iter().map(|&x| f(x)).collect();
     }
     let mut out = v.to_vec();
-    out.par_chunks_mut(4096).for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+    out.par_chunks_mut(4096)
+        .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
     out
 }
 
@@ -81,19 +82,32 @@ impl CustomOp1 for Softplus {
         "softplus"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("softplus: input must be contiguous".into()))?;
         let out = match storage {
             CpuStorage::F32(v) => CpuStorage::F32(map_par(&v[start..end], sp32)),
             CpuStorage::F64(v) => CpuStorage::F64(map_par(&v[start..end], sp64)),
-            _ => return Err(candle_core::Error::Msg("softplus: only f32 and f64 are supported".into())),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "softplus: only f32 and f64 are supported".into(),
+                ))
+            }
         };
         Ok((out, layout.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.mul(&candle_nn::ops::sigmoid(arg)?)?))
     }
 }

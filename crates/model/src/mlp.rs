@@ -52,7 +52,10 @@ impl Mlp {
             let (wv, bv) = (Var::from_tensor(&weight)?, Var::from_tensor(&bias)?);
             params.push(format!("{prefix}.layers.{i}.weight"), wv.clone());
             params.push(format!("{prefix}.layers.{i}.bias"), bv.clone());
-            layers.push(Linear { weight: wv.as_tensor().clone(), bias: bv.as_tensor().clone() });
+            layers.push(Linear {
+                weight: wv.as_tensor().clone(),
+                bias: bv.as_tensor().clone(),
+            });
         }
         Ok(Mlp { layers, activation })
     }
@@ -77,7 +80,10 @@ impl Mlp {
             layers: self
                 .layers
                 .iter()
-                .map(|l| Linear { weight: l.weight.detach(), bias: l.bias.detach() })
+                .map(|l| Linear {
+                    weight: l.weight.detach(),
+                    bias: l.bias.detach(),
+                })
                 .collect(),
             activation: self.activation,
         }

@@ -40,12 +40,20 @@ impl ParamSet {
     /// The parameters whose names start with `prefix`.
     pub fn with_prefix(&self, prefix: &str) -> ParamSet {
         ParamSet {
-            entries: self.entries.iter().filter(|(n, _)| n.starts_with(prefix)).cloned().collect(),
+            entries: self
+                .entries
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .cloned()
+                .collect(),
         }
     }
     /// A name → tensor map of the current values (for saving).
     pub fn to_map(&self) -> HashMap<String, Tensor> {
-        self.entries.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        self.entries
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
     /// Overwrites every parameter from `tensors`, which must hold exactly these names
     /// with these shapes. Errors name the first mismatched tensor.
@@ -63,7 +71,8 @@ impl ParamSet {
                 );
             }
             let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
-            var.set(&t).with_context(|| format!("{source}: cannot load tensor {name}"))?;
+            var.set(&t)
+                .with_context(|| format!("{source}: cannot load tensor {name}"))?;
         }
         Ok(())
     }
@@ -71,7 +80,10 @@ impl ParamSet {
     pub fn to(&self, dtype: DType, device: &Device) -> Result<ParamSet> {
         let mut out = ParamSet::new();
         for (n, v) in &self.entries {
-            out.push(n.clone(), Var::from_tensor(&v.as_tensor().to_dtype(dtype)?.to_device(device)?)?);
+            out.push(
+                n.clone(),
+                Var::from_tensor(&v.as_tensor().to_dtype(dtype)?.to_device(device)?)?,
+            );
         }
         Ok(out)
     }

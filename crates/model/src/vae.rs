@@ -5,7 +5,8 @@
 //! The `svi` training mode has no encoder (λ starts at 0).
 
 use crate::{
-    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Linear, Mlp, Noise, ParamSet, VariationalParams,
+    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Linear, Mlp, Noise, ParamSet,
+    VariationalParams,
 };
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -68,7 +69,15 @@ impl MlpVae {
             let mut sizes = vec![config.input_dim];
             sizes.extend(&config.hidden);
             sizes.push(2 * d);
-            Some(Mlp::init(&mut params, "encoder", &sizes, act, &mut rng, dtype, device)?)
+            Some(Mlp::init(
+                &mut params,
+                "encoder",
+                &sizes,
+                act,
+                &mut rng,
+                dtype,
+                device,
+            )?)
         } else {
             None
         };
@@ -76,7 +85,12 @@ impl MlpVae {
         sizes.extend(config.hidden.iter().rev());
         sizes.push(config.input_dim);
         let decoder = Mlp::init(&mut params, "decoder", &sizes, act, &mut rng, dtype, device)?;
-        Ok(Self { config: config.clone(), params, encoder, decoder })
+        Ok(Self {
+            config: config.clone(),
+            params,
+            encoder,
+            decoder,
+        })
     }
 
     /// Builds the networks on existing parameters (names as in the checkpoint format).
@@ -87,14 +101,28 @@ impl MlpVae {
             while let Some(w) = params.get(&format!("{prefix}.layers.{}.weight", layers.len())) {
                 let b = params
                     .get(&format!("{prefix}.layers.{}.bias", layers.len()))
-                    .ok_or_else(|| anyhow::anyhow!("{prefix}.layers.{}.bias is missing", layers.len()))?;
-                layers.push(Linear { weight: w.as_tensor().clone(), bias: b.as_tensor().clone() });
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{prefix}.layers.{}.bias is missing", layers.len())
+                    })?;
+                layers.push(Linear {
+                    weight: w.as_tensor().clone(),
+                    bias: b.as_tensor().clone(),
+                });
             }
-            Ok((!layers.is_empty()).then_some(Mlp { layers, activation: act }))
+            Ok((!layers.is_empty()).then_some(Mlp {
+                layers,
+                activation: act,
+            }))
         };
         let encoder = net("encoder")?;
-        let decoder = net("decoder")?.ok_or_else(|| anyhow::anyhow!("the model has no decoder parameters"))?;
-        Ok(Self { config: config.clone(), params, encoder, decoder })
+        let decoder = net("decoder")?
+            .ok_or_else(|| anyhow::anyhow!("the model has no decoder parameters"))?;
+        Ok(Self {
+            config: config.clone(),
+            params,
+            encoder,
+            decoder,
+        })
     }
 
     /// A copy with every parameter converted to `dtype` on `device`.
@@ -119,14 +147,24 @@ impl MlpVae {
             Some(enc) => Ok(VariationalParams(enc.forward(x)?)),
             None => {
                 let b = x.dim(0)?;
-                Ok(VariationalParams(Tensor::zeros((b, 2 * self.latent_dim()), x.dtype(), x.device())?))
+                Ok(VariationalParams(Tensor::zeros(
+                    (b, 2 * self.latent_dim()),
+                    x.dtype(),
+                    x.device(),
+                )?))
             }
         }
     }
 }
 
 /// ELBO terms of `decoder` for `x: [B, P]`, `λ: [B, 2d]`, `ε: [S, B, d]`, KL weight β.
-pub fn elbo(decoder: &Mlp, x: &Tensor, lambda: &VariationalParams, eps: &Noise, beta: f64) -> Result<ElboTerms> {
+pub fn elbo(
+    decoder: &Mlp,
+    x: &Tensor,
+    lambda: &VariationalParams,
+    eps: &Noise,
+    beta: f64,
+) -> Result<ElboTerms> {
     let (s, b, d) = eps.0.dims3()?;
     let z = lambda.sample(eps)?.reshape((s * b, d))?;
     let logits = decoder.forward(&z)?;
@@ -141,7 +179,12 @@ pub fn elbo(decoder: &Mlp, x: &Tensor, lambda: &VariationalParams, eps: &Noise, 
 /// Importance log-weights log p(x, z_k) − log q(z_k | λ) for `ε: [K, B, d]` → `[K, B]`.
 ///
 /// log p(z) − log q(z) = −½‖z‖² + ½‖ε‖² + ½ Σ log σ² (the 2π terms cancel).
-pub fn log_weights(decoder: &Mlp, x: &Tensor, lambda: &VariationalParams, eps: &Noise) -> Result<Tensor> {
+pub fn log_weights(
+    decoder: &Mlp,
+    x: &Tensor,
+    lambda: &VariationalParams,
+    eps: &Noise,
+) -> Result<Tensor> {
     let (k, b, d) = eps.0.dims3()?;
     let z = lambda.sample(eps)?;
     let logits = decoder.forward(&z.reshape((k * b, d))?)?;

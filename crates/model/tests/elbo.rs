@@ -14,7 +14,10 @@ fn softplus(x: f64) -> f64 {
 /// A 1-latent, 2-pixel linear decoder: logits = w z + b.
 fn tiny_decoder() -> Mlp {
     Mlp {
-        layers: vec![Linear { weight: t(&[0.5, -1.5], &[2, 1]), bias: t(&[0.25, 0.1], &[2]) }],
+        layers: vec![Linear {
+            weight: t(&[0.5, -1.5], &[2, 1]),
+            bias: t(&[0.25, 0.1], &[2]),
+        }],
         activation: Activation::Tanh,
     }
 }
@@ -47,7 +50,11 @@ fn elbo_matches_hand_computation() {
     let got = e.elbo.to_vec1::<f64>().unwrap()[0];
     assert!((e.log_lik.to_vec1::<f64>().unwrap()[0] - ll).abs() < 1e-12);
     assert!((e.kl.to_vec1::<f64>().unwrap()[0] - kl).abs() < 1e-12);
-    assert!((got - (ll - beta * kl)).abs() < 1e-12, "{got} vs {}", ll - beta * kl);
+    assert!(
+        (got - (ll - beta * kl)).abs() < 1e-12,
+        "{got} vs {}",
+        ll - beta * kl
+    );
 }
 
 #[test]
@@ -55,13 +62,44 @@ fn elbo_gradient_wrt_lambda_matches_central_differences() {
     for act in ["softplus", "tanh", "relu", "elu"] {
         let mut params = savae_model::ParamSet::new();
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(5);
-        let dec = Mlp::init(&mut params, "decoder", &[3, 7, 10], Activation::parse(act).unwrap(), &mut rng, DType::F64, &Device::Cpu).unwrap();
-        let x = t(&(0..20).map(|i| (i % 3 == 0) as u8 as f64).collect::<Vec<_>>(), &[2, 10]);
-        let eps = Noise(t(&(0..12).map(|i| (i as f64 * 1.3).cos()).collect::<Vec<_>>(), &[2, 2, 3]));
+        let dec = Mlp::init(
+            &mut params,
+            "decoder",
+            &[3, 7, 10],
+            Activation::parse(act).unwrap(),
+            &mut rng,
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = t(
+            &(0..20)
+                .map(|i| (i % 3 == 0) as u8 as f64)
+                .collect::<Vec<_>>(),
+            &[2, 10],
+        );
+        let eps = Noise(t(
+            &(0..12).map(|i| (i as f64 * 1.3).cos()).collect::<Vec<_>>(),
+            &[2, 2, 3],
+        ));
         let lam0: Vec<f64> = (0..12).map(|i| (i as f64 * 0.37).sin() * 0.8).collect();
         let var = Var::from_tensor(&t(&lam0, &[2, 6])).unwrap();
-        let f = |l: &Tensor| elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 0.8).unwrap().elbo.sum_all().unwrap();
-        let g = f(var.as_tensor()).backward().unwrap().get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let f = |l: &Tensor| {
+            elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 0.8)
+                .unwrap()
+                .elbo
+                .sum_all()
+                .unwrap()
+        };
+        let g = f(var.as_tensor())
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let h = 1e-6;
         for j in 0..12 {
             let mut p = lam0.clone();
@@ -71,7 +109,11 @@ fn elbo_gradient_wrt_lambda_matches_central_differences() {
             let fp = f(&t(&p, &[2, 6])).to_scalar::<f64>().unwrap();
             let fm = f(&t(&m, &[2, 6])).to_scalar::<f64>().unwrap();
             let fd = (fp - fm) / (2.0 * h);
-            assert!((fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()), "{act} coordinate {j}: autodiff {} vs fd {fd}", g[j]);
+            assert!(
+                (fd - g[j]).abs() <= 1e-6 * (1.0 + fd.abs()),
+                "{act} coordinate {j}: autodiff {} vs fd {fd}",
+                g[j]
+            );
         }
     }
 }
