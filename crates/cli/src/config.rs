@@ -65,9 +65,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             dataset: "mnist".into(),
-            model: "savae".into(),
+            model: "vae".into(),
             grad: "implicit".into(),
-            epochs: 4,
+            epochs: 20,
             batch_size: 100,
             lr: 1e-3,
             latent_dim: 32,

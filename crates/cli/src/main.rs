@@ -87,6 +87,10 @@ struct EvalArgs {
     /// Noise draws for the reported ELBOs.
     #[arg(long, default_value_t = 10)]
     elbo_samples: usize,
+    /// Noise draws held fixed during the refinement (default: 8, or the checkpoint's
+    /// --samples if larger; one draw overfits the refinement to its noise).
+    #[arg(long)]
+    refine_samples: Option<usize>,
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long, default_value = "auto")]
@@ -135,6 +139,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         svi_steps: a.svi_steps,
         max_examples: a.max_examples,
         elbo_samples: a.elbo_samples,
+        refine_samples: a.refine_samples,
         batch_size: a.batch_size,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),

@@ -518,6 +518,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         svi_steps: a.svi_steps,
         max_examples: Some(a.max_examples),
         elbo_samples: a.elbo_samples,
+        refine_samples: None,
         batch_size: None,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),

@@ -49,6 +49,8 @@ fn report_draws_the_run_and_agrees_with_eval() {
         "2",
         "--log-every",
         "1",
+        "--model",
+        "savae",
     ]);
     savae(&[
         "report",
