@@ -214,7 +214,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
 }
 
 fn write_out(
-    path: &PathBuf,
+    path: &std::path::Path,
     model: &MlpVae,
     idx: &[usize],
     eps: &Noise,

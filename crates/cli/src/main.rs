@@ -25,8 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a model (defaults: SA-VAE with implicit gradients on static binarized MNIST).
-    Train(TrainArgs),
+    /// Train a model (defaults: an amortized VAE on static binarized MNIST; --model savae
+    /// for SA-VAE with implicit gradients).
+    Train(Box<TrainArgs>),
     /// Evaluate a checkpoint: ELBOs, KL, importance-sampled NLL, active units (JSON).
     Eval(EvalArgs),
     /// Compare the implicit, unrolled and finite-difference parameter gradients (JSON).
@@ -158,7 +159,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Train(a) => run_train(a),
+        Command::Train(a) => run_train(*a),
         Command::Eval(a) => run_eval(a),
         Command::Gradcheck(a) => gradcheck::run(a),
         Command::Bench(a) => bench::run(a),

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 pub struct SplitMix(pub u64);
 
 impl SplitMix {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -23,11 +23,11 @@ impl SplitMix {
     /// A seed for stream `(tag, a, b)` of `seed`.
     pub fn derive(seed: u64, tag: u64, a: u64, b: u64) -> u64 {
         let mut s = SplitMix(seed ^ tag.wrapping_mul(0xD6E8_FEB8_6659_FD93));
-        s.next();
+        s.next_u64();
         s.0 ^= a.wrapping_mul(0xA076_1D64_78BD_642F);
-        s.next();
+        s.next_u64();
         s.0 ^= b.wrapping_mul(0xE703_7ED1_A0B4_28DB);
-        s.next()
+        s.next_u64()
     }
 }
 

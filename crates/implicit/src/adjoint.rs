@@ -84,9 +84,9 @@ pub fn solve_adjoint(
         };
         let (ur, rep) = batched_cg(&op, &rhs, cfg)?;
         u = (&u + ur.broadcast_mul(&column(&keep, g)?)?)?;
-        for i in 0..nb {
-            if failed[i] && !rep.status[i].failed() {
-                failed[i] = false;
+        for (f, st) in failed.iter_mut().zip(&rep.status) {
+            if *f && !st.failed() {
+                *f = false;
             }
         }
     }
