@@ -294,6 +294,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         skipped_batches: 0,
         savae_version: env!("CARGO_PKG_VERSION").into(),
     };
+    // The summary at the current state of the loop.
+    macro_rules! summary {
+        ($interrupted:expr) => {
+            TrainSummary {
+                run_dir: opts.run_dir.clone(),
+                epochs_done: epoch,
+                steps: step,
+                last_valid_elbo: last_valid,
+                best_valid_elbo: best,
+                seconds: t0.elapsed().as_secs_f64(),
+                skipped_batches: skipped,
+                interrupted: $interrupted,
+            }
+        };
+    }
     while epoch < cfg.epochs {
         if interrupted()
             && start_batch == 0
@@ -305,16 +320,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 last_path.display(),
                 opts.run_dir.display()
             );
-            return Ok(TrainSummary {
-                run_dir: opts.run_dir.clone(),
-                epochs_done: epoch,
-                steps: step,
-                last_valid_elbo: last_valid,
-                best_valid_elbo: best,
-                seconds: t0.elapsed().as_secs_f64(),
-                skipped_batches: skipped,
-                interrupted: true,
-            });
+            return Ok(summary!(true));
         }
         let beta = cfg.beta(epoch);
         let scfg = step_config(&cfg, beta)?;
@@ -354,16 +360,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     last_path.display(),
                     opts.run_dir.display()
                 );
-                return Ok(TrainSummary {
-                    run_dir: opts.run_dir.clone(),
-                    epochs_done: epoch,
-                    steps: step,
-                    last_valid_elbo: last_valid,
-                    best_valid_elbo: best,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    skipped_batches: skipped,
-                    interrupted: true,
-                });
+                return Ok(summary!(true));
             }
             let idx = &order[bi * cfg.batch_size..((bi + 1) * cfg.batch_size).min(n)];
             let mut rng = batch_rng(cfg.seed, 0, epoch as u64, bi as u64);
@@ -477,14 +474,5 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             );
         }
     }
-    Ok(TrainSummary {
-        run_dir: opts.run_dir.clone(),
-        epochs_done: epoch,
-        steps: step,
-        last_valid_elbo: last_valid,
-        best_valid_elbo: best,
-        seconds: t0.elapsed().as_secs_f64(),
-        skipped_batches: skipped,
-        interrupted: false,
-    })
+    Ok(summary!(false))
 }

@@ -1,25 +1,12 @@
 //! Interruptions: SIGTERM mid-epoch saves the position and resumes bit-identically;
 //! SIGKILL at random moments never leaves an unloadable checkpoint.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
+
+mod common;
+use common::{savae_cmd as bin, tensors, tmpdir};
 use std::time::{Duration, Instant};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_savae"));
-    c.env(
-        "SAVAE_DATA_DIR",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
-    );
-    c
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("savae-int-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const TINY: &[&str] = &[
     "--device",
@@ -64,18 +51,6 @@ fn steps_logged(dir: &Path) -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]

@@ -1,34 +1,12 @@
 //! The `savae` binary end to end on tiny configurations of the shipped MNIST.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+use common::{savae_env, savae_ok as ok, tensors, tmpdir};
+use std::path::Path;
+use std::process::Output;
 
 fn savae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_savae"))
-        .args(args)
-        .env(
-            "SAVAE_DATA_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
-        )
-        .output()
-        .expect("run savae")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = savae(args);
-    assert!(
-        out.status.success(),
-        "savae {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("savae-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    savae_env(args, &[])
 }
 
 const TINY: &[&str] = &[
@@ -56,18 +34,6 @@ fn train(dir: &Path, extra: &[&str]) -> String {
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
     ok(&args)
-}
-
-fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<(String, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, t.data().to_vec()))
-        .collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 #[test]

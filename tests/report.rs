@@ -1,23 +1,7 @@
 //! `savae report` writes readable pictures and a summary whose numbers are `savae eval`'s.
 
-use std::process::Command;
-
-fn savae(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_savae"))
-        .args(args)
-        .env(
-            "SAVAE_DATA_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "savae {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::savae_ok as savae;
 
 #[test]
 fn report_draws_the_run_and_agrees_with_eval() {

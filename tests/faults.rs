@@ -4,27 +4,11 @@
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+mod common;
+use common::{savae_env as savae, tmpdir};
 use std::sync::OnceLock;
-
-fn savae(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_savae"));
-    c.args(args).env(
-        "SAVAE_DATA_DIR",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
-    );
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("savae-fault-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const TINY: &[&str] = &[
     "--device",

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests: running the `savae` binary on the shipped data,
+//! scratch folders, and reading a checkpoint's tensors.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `savae` with `SAVAE_DATA_DIR` pointing at the repository's data.
+pub fn savae_cmd() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_savae"));
+    c.env(
+        "SAVAE_DATA_DIR",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../data"),
+    );
+    c
+}
+
+/// Runs `savae args` with extra environment variables.
+pub fn savae_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = savae_cmd();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run savae")
+}
+
+/// Runs `savae args`, asserting success; returns stdout.
+pub fn savae_ok(args: &[&str]) -> String {
+    let out = savae_env(args, &[]);
+    assert!(
+        out.status.success(),
+        "savae {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A fresh scratch folder unique to this test process.
+pub fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("savae-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A checkpoint's tensors as (name, raw bytes), sorted by name.
+pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
