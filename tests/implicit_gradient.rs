@@ -2,6 +2,7 @@
 //! and by central finite differences of the whole pipeline agree (f64).
 
 use candle_core::{DType, Device, Tensor};
+use savae_cli::gradcheck::rel_err;
 use savae_cli::step::{train_step, Mode, StepConfig};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
@@ -57,17 +58,6 @@ fn flat(ts: &[Tensor]) -> Vec<f64> {
     ts.iter()
         .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
         .collect()
-}
-
-fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    num / den
 }
 
 #[test]
