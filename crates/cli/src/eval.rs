@@ -12,8 +12,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use savae_data::{batch_rng, ImageSplit};
-use savae_implicit::value_and_grad;
-use savae_inference::{refine, SviConfig};
+use savae_inference::SviConfig;
 use savae_model::{elbo, gaussian_kl, log_weights, MlpVae, VariationalParams};
 use serde::Serialize;
 
@@ -114,14 +113,8 @@ pub fn evaluate(
         let lambda0 = VariationalParams(model.encode(&x)?.0.detach());
         let lambda = if opts.refine {
             let eps_r = batch::noise(&mut rng, opts.refine_samples, b, d, dtype, device)?;
-            let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
-                let vg = value_and_grad(
-                    |ll| Ok(elbo(&dec_det, &x, &VariationalParams(ll.clone()), &eps_r, 1.0)?.elbo),
-                    l,
-                )?;
-                Ok((vg.values.detach(), vg.grad.detach()))
-            };
-            let r = refine(&gf, &lambda0.0, &opts.svi, false)?;
+            let r =
+                crate::step::refine_elbo(&dec_det, &x, &eps_r, 1.0, &lambda0.0, &opts.svi, false)?;
             resets += r.resets;
             steps = r.steps;
             s_gn += r

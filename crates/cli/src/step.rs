@@ -10,7 +10,7 @@ use savae_implicit::{
     autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
     BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind,
 };
-use savae_inference::{refine, unrolled_backward, Refinement, SviConfig};
+use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{elbo, Mlp, MlpVae, Noise, VariationalParams};
 use serde::Serialize;
 
@@ -131,6 +131,36 @@ fn elbo_grad_fn<'a>(
     }
 }
 
+/// Refines `lambda0` on the ELBO of `decoder` (detached) with `svi`; the Newton optimizer
+/// gets exact Hessian-vector products of the same ELBO.
+pub fn refine_elbo(
+    decoder: &Mlp,
+    x: &Tensor,
+    eps: &Noise,
+    beta: f64,
+    lambda0: &Tensor,
+    svi: &SviConfig,
+    keep_path: bool,
+) -> Result<Refinement> {
+    let gf = elbo_grad_fn(decoder, x, eps, beta);
+    let oracle = |l: &Tensor| -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> {
+        let vg = value_and_grad(
+            |ll| Ok(elbo(decoder, x, &VariationalParams(ll.clone()), eps, beta)?.elbo),
+            l,
+        )?;
+        let (v, g) = (vg.values.detach(), vg.grad.detach());
+        Ok((
+            v,
+            g,
+            Box::new(ExactHvp {
+                lambda: vg.lambda,
+                grad: vg.grad,
+            }),
+        ))
+    };
+    refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+}
+
 fn collect(store: &GradStore, model: &MlpVae, scale: f64) -> Result<Vec<Tensor>> {
     model
         .params
@@ -196,8 +226,7 @@ pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> 
             })
         }
         Mode::Svi | Mode::VaeSvi => {
-            let gf = elbo_grad_fn(&dec_det, x, eps, beta);
-            let r = refine(&gf, &lambda0.0, &cfg.svi, false)?;
+            let r = refine_elbo(&dec_det, x, eps, beta, &lambda0.0, &cfg.svi, false)?;
             let refined = VariationalParams(r.lambda.clone());
             let t = elbo(&model.decoder, x, &refined, eps, beta)?;
             let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
@@ -243,7 +272,7 @@ fn savae_step(
     let beta = cfg.beta;
     let unrolled = cfg.mode == Mode::SavaeUnrolled;
     let gf = elbo_grad_fn(dec_det, x, eps, beta);
-    let r = refine(&gf, &lambda0.0, &cfg.svi, unrolled)?;
+    let r = refine_elbo(dec_det, x, eps, beta, &lambda0.0, &cfg.svi, unrolled)?;
     let e0 = r
         .trace
         .first()
