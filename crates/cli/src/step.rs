@@ -323,43 +323,32 @@ fn savae_step(
             .map(|&n| !(n.is_finite() && n <= cfg.stationarity_tol))
             .collect();
         // HVPs on a graph without parameter gradients (cheaper backward passes).
-        let sol = match cfg.hvp {
+        let op: Box<dyn BatchedOperator + '_> = match cfg.hvp {
             HvpKind::Exact => {
                 let det = value_and_grad(
                     |l| Ok(elbo(dec_det, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
                     &r.lambda,
                 )?;
-                let op = ExactHvp {
+                Box::new(ExactHvp {
                     lambda: det.lambda,
                     grad: det.grad,
-                };
-                solve_adjoint(
-                    &op as &dyn BatchedOperator,
-                    &g,
-                    gamma,
-                    cfg.damping,
-                    &cfg.cg,
-                    cfg.cg_retries,
-                    &untrusted,
-                )?
+                })
             }
-            HvpKind::FiniteDifference => {
-                let op = FdHvp {
-                    grad_fn: |l: &Tensor| Ok(gf(l)?.1),
-                    lambda: r.lambda.clone(),
-                    rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
-                };
-                solve_adjoint(
-                    &op,
-                    &g,
-                    gamma,
-                    cfg.damping,
-                    &cfg.cg,
-                    cfg.cg_retries,
-                    &untrusted,
-                )?
-            }
+            HvpKind::FiniteDifference => Box::new(FdHvp {
+                grad_fn: |l: &Tensor| Ok(gf(l)?.1),
+                lambda: r.lambda.clone(),
+                rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
+            }),
         };
+        let sol = solve_adjoint(
+            op.as_ref(),
+            &g,
+            gamma,
+            cfg.damping,
+            &cfg.cg,
+            cfg.cg_retries,
+            &untrusted,
+        )?;
         let mixed = match cfg.hvp {
             HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
             HvpKind::FiniteDifference => {
