@@ -80,12 +80,7 @@ pub fn evaluate(
     opts: &EvalOptions,
     device: &Device,
 ) -> Result<EvalReport> {
-    let dtype = model
-        .params
-        .iter()
-        .next()
-        .map(|(_, v)| v.dtype())
-        .unwrap_or(DType::F32);
+    let dtype = model.dtype();
     let d = model.latent_dim();
     let n = split.len;
     let nb = n.div_ceil(opts.batch_size);

@@ -393,12 +393,7 @@ fn probs(decoder: &savae_model::Mlp, z: &Tensor) -> Result<Vec<Vec<f32>>> {
 
 fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String>> {
     let model = &e.model;
-    let dtype = model
-        .params
-        .iter()
-        .next()
-        .map(|(_, v)| v.dtype())
-        .unwrap_or(DType::F32);
+    let dtype = model.dtype();
     let d = model.latent_dim();
     let n = e.split.len;
     let picks: Vec<usize> = (0..10.min(n)).map(|i| i * n / 10.min(n)).collect();

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{backprop::GradStore, DType, Tensor};
 use savae_implicit::{
     autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
-    BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind,
+    BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind, ValueGrad,
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{elbo, Mlp, MlpVae, Noise, VariationalParams};
@@ -115,6 +115,21 @@ fn mean(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.mean_all()?.to_scalar::<f64>()?)
 }
 
+/// The ELBO of `decoder` at `lambda` with its gradient, the graph kept (see
+/// [`value_and_grad`]); parameter gradients are in the store unless `decoder` is detached.
+fn elbo_vg(
+    decoder: &Mlp,
+    x: &Tensor,
+    eps: &Noise,
+    beta: f64,
+    lambda: &Tensor,
+) -> Result<ValueGrad> {
+    value_and_grad(
+        |l| Ok(elbo(decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
+        lambda,
+    )
+}
+
 /// (values, ∇_λ Σ values) of the ELBO with a detached decoder (no parameter gradients).
 fn elbo_grad_fn<'a>(
     decoder: &'a Mlp,
@@ -123,10 +138,7 @@ fn elbo_grad_fn<'a>(
     beta: f64,
 ) -> impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a {
     move |lam: &Tensor| {
-        let vg = value_and_grad(
-            |l| Ok(elbo(decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
-            lam,
-        )?;
+        let vg = elbo_vg(decoder, x, eps, beta, lam)?;
         Ok((vg.values.detach(), vg.grad.detach()))
     }
 }
@@ -144,10 +156,7 @@ pub fn refine_elbo(
 ) -> Result<Refinement> {
     let gf = elbo_grad_fn(decoder, x, eps, beta);
     let oracle = |l: &Tensor| -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> {
-        let vg = value_and_grad(
-            |ll| Ok(elbo(decoder, x, &VariationalParams(ll.clone()), eps, beta)?.elbo),
-            l,
-        )?;
+        let vg = elbo_vg(decoder, x, eps, beta, l)?;
         let (v, g) = (vg.values.detach(), vg.grad.detach());
         Ok((
             v,
@@ -279,10 +288,7 @@ fn savae_step(
         .map(|s| s.mean_objective)
         .unwrap_or(f64::NAN);
     // ELBO at λ* with the model's decoder: ∂_θ L and ∇_λ L (graph kept for the mixed term).
-    let at_opt = value_and_grad(
-        |l| Ok(elbo(&model.decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
-        &r.lambda,
-    )?;
+    let at_opt = elbo_vg(&model.decoder, x, eps, beta, &r.lambda)?;
     let refined_elbo = mean(&at_opt.values)?;
     let kl = mean(&savae_model::gaussian_kl(&VariationalParams(
         r.lambda.clone(),
@@ -298,10 +304,7 @@ fn savae_step(
     let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
     let (lambda0_grad, cg_stats) = if unrolled {
         let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
-            let vg = value_and_grad(
-                |l| Ok(elbo(&model.decoder, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
-                lam,
-            )?;
+            let vg = elbo_vg(&model.decoder, x, eps, beta, lam)?;
             let mut refs = vec![vg.lambda.as_tensor()];
             refs.extend(dec_refs.iter().copied());
             let mut out = grads_of_dot(&vg.grad, &w.detach(), &refs)?;
@@ -325,10 +328,7 @@ fn savae_step(
         // HVPs on a graph without parameter gradients (cheaper backward passes).
         let op: Box<dyn BatchedOperator + '_> = match cfg.hvp {
             HvpKind::Exact => {
-                let det = value_and_grad(
-                    |l| Ok(elbo(dec_det, x, &VariationalParams(l.clone()), eps, beta)?.elbo),
-                    &r.lambda,
-                )?;
+                let det = elbo_vg(dec_det, x, eps, beta, &r.lambda)?;
                 Box::new(ExactHvp {
                     lambda: det.lambda,
                     grad: det.grad,
@@ -353,24 +353,14 @@ fn savae_step(
             HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
             HvpKind::FiniteDifference => {
                 let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
-                    let vg = value_and_grad(
-                        |ll| {
-                            Ok(
-                                elbo(&model.decoder, x, &VariationalParams(ll.clone()), eps, beta)?
-                                    .elbo,
-                            )
-                        },
-                        l,
-                    )?;
-                    Ok(dec_refs
+                    let vg = elbo_vg(&model.decoder, x, eps, beta, l)?;
+                    dec_refs
                         .iter()
-                        .map(|t| {
-                            vg.store
-                                .get(t)
-                                .map(|g| g.detach())
-                                .unwrap_or_else(|| t.zeros_like().unwrap())
+                        .map(|t| match vg.store.get(t) {
+                            Some(g) => Ok(g.detach()),
+                            None => Ok(t.zeros_like()?),
                         })
-                        .collect())
+                        .collect()
                 };
                 let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype());
                 mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u_solved, rel)?

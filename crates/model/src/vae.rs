@@ -130,6 +130,15 @@ impl MlpVae {
         Self::from_params(&self.config, self.params.to(dtype, device)?)
     }
 
+    /// The dtype of the parameters (f32 when the model has none).
+    pub fn dtype(&self) -> DType {
+        self.params
+            .iter()
+            .next()
+            .map(|(_, v)| v.dtype())
+            .unwrap_or(DType::F32)
+    }
+
     pub fn latent_dim(&self) -> usize {
         self.config.latent_dim
     }
