@@ -6,9 +6,9 @@ use savae_cli::gradcheck::rel_err;
 use savae_cli::step::{train_step, Mode, StepConfig};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{MlpVae, ModelConfig, Noise};
+use savae_model::{ModelConfig, Noise, Vae};
 
-fn setup(act: &str) -> (MlpVae, Tensor, Noise) {
+fn setup(act: &str) -> (Vae, Tensor, Noise) {
     savae_implicit::enable_second_order();
     let cfg = ModelConfig {
         kind: "savae".into(),
@@ -18,7 +18,7 @@ fn setup(act: &str) -> (MlpVae, Tensor, Noise) {
         input_dim: 12,
     };
     let dev = Device::Cpu;
-    let model = MlpVae::new(&cfg, 3, DType::F64, &dev).unwrap();
+    let model = Vae::new(&cfg, 3, DType::F64, &dev).unwrap();
     let xs: Vec<f64> = (0..3 * 12)
         .map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64)
         .collect();

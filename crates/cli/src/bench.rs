@@ -13,7 +13,7 @@ use crate::train::step_config;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
-use savae_model::MlpVae;
+use savae_model::Vae;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,8 +31,15 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "5,20,50")]
     pub k: Vec<usize>,
     /// Batch sizes (comma separated).
-    #[arg(long, value_delimiter = ',', default_value = "100")]
+    /// Batch sizes (default: 100 for images, 32 for text).
+    #[arg(long, value_delimiter = ',')]
     pub batch: Vec<usize>,
+    /// mnist, or a text corpus (ptb, text:DIR) at its default model configuration.
+    #[arg(long, default_value = "mnist")]
+    pub dataset: String,
+    /// Text: the sentence length (words) of the timed batch.
+    #[arg(long, default_value_t = 20)]
+    pub sentence_len: usize,
     /// CG iterations (run to the limit: tolerance 0).
     #[arg(long, default_value_t = 20)]
     pub cg_iters: usize,
@@ -53,6 +60,7 @@ pub struct BenchArgs {
 
 fn mode_names(m: &str) -> Result<(&'static str, &'static str)> {
     Ok(match m {
+        "lm" => ("lm", "implicit"),
         "vae" => ("vae", "implicit"),
         "vae-svi" => ("vae-svi", "implicit"),
         "svi" => ("svi", "implicit"),
@@ -177,22 +185,62 @@ fn probe_for(dev: &Device) -> Box<dyn MemProbe> {
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = crate::device::resolve(&a.device)?;
     savae_implicit::ensure_second_order()?;
-    let data = savae_data::ImageData::load(
-        savae_data::DatasetKind::Mnist,
+    let base = TrainConfig::defaults_for(&a.dataset);
+    base.validate().context("--dataset")?;
+    let text = base.is_text();
+    let corpus = crate::batch::Corpus::load(
+        &a.dataset,
         &data_dir(a.data_dir.as_ref()),
+        None,
+        base.max_vocab,
+        base.max_len,
+        false,
     )?;
-    let order = savae_data::epoch_order(0, 0, data.train.len);
+    // The candidates of a timed batch: shuffled images, or sentences of one length.
+    let pool: Vec<usize> = match &corpus.train {
+        crate::batch::SplitData::Images(s) => savae_data::epoch_order(0, 0, s.len),
+        crate::batch::SplitData::Text(s) => (0..s.len())
+            .filter(|&i| s.sentences[i].len() == a.sentence_len)
+            .collect(),
+    };
+    let batches = if a.batch.is_empty() {
+        vec![base.batch_size]
+    } else {
+        a.batch.clone()
+    };
     let mut probe = probe_for(&dev);
-    for &b in &a.batch {
-        anyhow::ensure!(b > 0 && b <= data.train.len, "--batch {b} is out of range");
+    for &b in &batches {
+        anyhow::ensure!(
+            b > 0 && b <= pool.len(),
+            "--batch {b} is out of range (at most {} examples{})",
+            pool.len(),
+            if text { " of that --sentence-len" } else { "" }
+        );
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let x = crate::batch::images(&data.train, &order[..b], &mut rng, DType::F32, &dev)?;
+        let (e, h) = (base.embed_dim, base.hidden.first().copied().unwrap_or(0));
+        let dropout = (text && base.dropout > 0.0).then_some(crate::batch::Dropout {
+            p: base.dropout,
+            embed: e,
+            hidden: h,
+        });
+        let x = corpus
+            .train
+            .batch(&pool[..b], &mut rng, DType::F32, &dev, dropout)?;
+        let tokens_per_batch = text.then_some(b * (a.sentence_len + 1));
         for m in &a.modes {
             let (model_name, grad) = mode_names(m)?;
-            let ks: Vec<usize> = if model_name == "vae" {
+            if model_name == "lm" && !text {
+                continue;
+            }
+            let ks: Vec<usize> = if model_name == "vae" || model_name == "lm" {
                 vec![0]
             } else {
                 a.k.clone()
+            };
+            let (hidden, latent_dim) = if text {
+                (base.hidden.clone(), base.latent_dim)
+            } else {
+                (a.hidden.clone(), a.latent_dim)
             };
             for &k in &ks {
                 let cfg = TrainConfig {
@@ -204,12 +252,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     cg_tol: 0.0,
                     // Time the whole algorithm: every example solves its adjoint system.
                     stationarity_tol: f64::INFINITY,
-                    hidden: a.hidden.clone(),
-                    latent_dim: a.latent_dim,
-                    ..TrainConfig::default()
+                    hidden: hidden.clone(),
+                    latent_dim,
+                    ..base.clone()
                 };
                 let mode = Mode::from_names(model_name, grad)?;
-                let model = MlpVae::new(&cfg.model_config(), 0, DType::F32, &dev)?;
+                let model = Vae::new(&cfg.model_config(corpus.vocab_size()), 0, DType::F32, &dev)?;
                 let vars = model.params.vars();
                 let mut adam = Adam::new(&vars, cfg.lr)?;
                 let scfg = step_config(&cfg, 1.0)?;
@@ -217,7 +265,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mut cg_mean = None;
                 probe.start()?;
                 for i in 0..a.warmup + a.steps {
-                    let eps = crate::batch::noise(&mut rng, 1, b, a.latent_dim, DType::F32, &dev)?;
+                    let eps = crate::batch::noise(&mut rng, 1, b, latent_dim, DType::F32, &dev)?;
                     dev.synchronize()?;
                     let t = Instant::now();
                     let out = train_step(&model, &x, &eps, &scfg)?;
@@ -231,7 +279,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let peak = probe.stop()?;
                 times.sort_by(|x, y| x.total_cmp(y));
                 let med = times[times.len() / 2];
-                let line = json!({
+                let mut line = json!({
+                    "dataset": a.dataset,
                     "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
                     "k": if mode.refines() { Some(k) } else { None },
                     "cg_iters": if mode == Mode::SavaeImplicit { Some(a.cg_iters) } else { None },
@@ -239,8 +288,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "median_ms": med, "min_ms": times[0], "examples_per_s": b as f64 / (med / 1e3),
                     "peak_mem_mib": peak,
                     "peak_mem_kind": if dev.is_cuda() { "device used (driver), above baseline" } else { "process peak RSS" },
-                    "hidden": a.hidden, "latent_dim": a.latent_dim, "steps": a.steps,
+                    "hidden": hidden, "latent_dim": latent_dim, "steps": a.steps,
                 });
+                if let Some(t) = tokens_per_batch {
+                    line["tokens_per_batch"] = json!(t);
+                    line["tokens_per_s"] = json!(t as f64 / (med / 1e3));
+                    line["embed_dim"] = json!(base.embed_dim);
+                    line["vocab"] = json!(corpus.vocab_size());
+                    line["dropout"] = json!(base.dropout);
+                }
                 println!("{line}");
             }
         }

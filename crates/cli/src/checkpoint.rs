@@ -1,8 +1,10 @@
 //! Checkpoints: safetensors files holding the model, the optimizer state and, in the
 //! metadata key `savae`, a JSON [`CheckpointMeta`] (architecture, position, config).
 //!
-//! Tensor names: `encoder.layers.{i}.weight` `[out, in]`, `encoder.layers.{i}.bias`,
-//! the same under `decoder.`; Adam's moments under `optim.m.<name>` and `optim.v.<name>`.
+//! Tensor names (MLP): `encoder.layers.{i}.weight` `[out, in]`, `encoder.layers.{i}.bias`,
+//! the same under `decoder.`; (LSTM) `encoder.embed.weight` `[V, E]`,
+//! `encoder.lstm.{weight_ih,weight_hh,bias}`, `encoder.out.*`, `decoder.embed.weight`,
+//! `decoder.lstm.*`, `decoder.init.*` (z → h0), `decoder.out.*` (H → V); Adam's moments under `optim.m.<name>` and `optim.v.<name>`.
 //! Writes are atomic: a temporary file in the same folder, fsync, rename, fsync of the
 //! folder — a crash at any moment leaves the previous checkpoint intact.
 
@@ -10,7 +12,7 @@ use crate::adam::Adam;
 use crate::config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use savae_model::{MlpVae, ModelConfig};
+use savae_model::{ModelConfig, Vae};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
@@ -54,6 +56,9 @@ pub struct CheckpointMeta {
     #[serde(default)]
     pub skipped_batches: usize,
     pub savae_version: String,
+    /// The vocabulary of a text model, in id order (`<unk>`, `<s>`, `</s>`, words…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<Vec<String>>,
 }
 
 /// A loaded checkpoint.
@@ -100,7 +105,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Saves the model, optimizer and metadata to `path` atomically.
-pub fn save(path: &Path, model: &MlpVae, adam: Option<&Adam>, meta: &CheckpointMeta) -> Result<()> {
+pub fn save(path: &Path, model: &Vae, adam: Option<&Adam>, meta: &CheckpointMeta) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (name, var) in model.params.iter() {
         tensors.push((name.to_string(), var.as_tensor().to_device(&Device::Cpu)?));
@@ -170,16 +175,41 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 }
 
 impl Checkpoint {
+    /// The stored vocabulary of a text model (None for images); checked against the model.
+    pub fn vocab(&self, path: &Path) -> Result<Option<savae_data::Vocab>> {
+        let want = self.meta.model.vocab_size;
+        match &self.meta.vocab {
+            None if want == 0 => Ok(None),
+            None => bail!(
+                "checkpoint {}: a text model without its vocabulary in the metadata",
+                path.display()
+            ),
+            Some(words) => {
+                if words.len() != want {
+                    bail!(
+                        "checkpoint {}: its vocabulary has {} words but the model {want}",
+                        path.display(),
+                        words.len()
+                    );
+                }
+                Ok(Some(
+                    savae_data::Vocab::from_words(words.clone())
+                        .with_context(|| format!("checkpoint {}", path.display()))?,
+                ))
+            }
+        }
+    }
+
     /// Builds the model the checkpoint describes and loads its weights. Refuses extra
     /// model tensors and names the first missing or mismatched one.
-    pub fn model(&self, path: &Path, dtype: DType, device: &Device) -> Result<MlpVae> {
-        let model = MlpVae::new(&self.meta.model, 0, dtype, device)?;
+    pub fn model(&self, path: &Path, dtype: DType, device: &Device) -> Result<Vae> {
+        let model = Vae::new(&self.meta.model, 0, dtype, device)?;
         self.load_into(&model, path)?;
         Ok(model)
     }
 
     /// Loads the weights into `model`, whose architecture must match.
-    pub fn load_into(&self, model: &MlpVae, path: &Path) -> Result<()> {
+    pub fn load_into(&self, model: &Vae, path: &Path) -> Result<()> {
         let src = path.display().to_string();
         for name in self.tensors.keys() {
             if !name.starts_with("optim.") && model.params.get(name).is_none() {
@@ -190,7 +220,7 @@ impl Checkpoint {
     }
 
     /// Restores Adam's moments (absent moments are an error when `t > 0`).
-    pub fn load_adam(&self, adam: &mut Adam, model: &MlpVae, path: &Path) -> Result<()> {
+    pub fn load_adam(&self, adam: &mut Adam, model: &Vae, path: &Path) -> Result<()> {
         adam.t = self.meta.adam_t;
         for (i, (name, var)) in model.params.iter().enumerate() {
             for (kind, slot) in [("m", &mut adam.m[i]), ("v", &mut adam.v[i])] {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub dataset: String,
-    /// vae | svi | vae-svi | savae
+    /// vae | svi | vae-svi | savae | lm (text only)
     pub model: String,
     /// implicit | unrolled (savae only)
     pub grad: String,
@@ -55,6 +55,18 @@ pub struct TrainConfig {
     pub valid_examples: Option<usize>,
     /// Write a step line to metrics.jsonl every this many steps.
     pub log_every: usize,
+    /// Word-embedding size (text).
+    #[serde(default)]
+    pub embed_dim: usize,
+    /// Decoder dropout (text).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Vocabulary size cap, special symbols included (text; None = every train word).
+    #[serde(default)]
+    pub max_vocab: Option<usize>,
+    /// Train sentences with more words are dropped (text).
+    #[serde(default)]
+    pub max_len: usize,
 }
 
 fn default_stationarity_tol() -> f64 {
@@ -93,7 +105,43 @@ impl Default for TrainConfig {
             max_train_examples: None,
             valid_examples: Some(2000),
             log_every: 50,
+            embed_dim: 0,
+            dropout: 0.0,
+            max_vocab: None,
+            max_len: 0,
         }
+    }
+}
+
+impl TrainConfig {
+    /// The defaults for `dataset`: the MNIST MLP above, or for text a one-layer LSTM VAE
+    /// small enough to train on a CPU (SA-VAE's settings otherwise: batch 32, β from 0.1
+    /// to 1 over 10 epochs, gradient clip 5, decoder dropout 0.5).
+    pub fn defaults_for(dataset: &str) -> Self {
+        let base = Self {
+            dataset: dataset.to_string(),
+            ..Self::default()
+        };
+        if !savae_data::DataSpec::parse(dataset).is_ok_and(|d| d.is_text()) {
+            return base;
+        }
+        Self {
+            epochs: 20,
+            batch_size: 32,
+            latent_dim: 32,
+            hidden: vec![256],
+            embed_dim: 256,
+            dropout: 0.5,
+            kl_warmup_epochs: 10,
+            valid_examples: None,
+            max_len: 50,
+            log_every: 100,
+            ..base
+        }
+    }
+
+    pub fn is_text(&self) -> bool {
+        savae_data::DataSpec::parse(&self.dataset).is_ok_and(|d| d.is_text())
     }
 }
 
@@ -101,10 +149,11 @@ impl Default for TrainConfig {
 #[derive(Debug, Clone, Default, Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainOverrides {
-    /// mnist (static binarization) or mnist-dynamic.
+    /// mnist (static binarization), mnist-dynamic, ptb, or text:DIR (DIR/train.txt,
+    /// valid.txt, test.txt: one sentence per line).
     #[arg(long, allow_negative_numbers = true)]
     pub dataset: Option<String>,
-    /// vae | svi | vae-svi | savae.
+    /// vae | svi | vae-svi | savae | lm (text: the decoder alone, a language model).
     #[arg(long, allow_negative_numbers = true)]
     pub model: Option<String>,
     /// Gradient through the refinement for --model savae: implicit | unrolled.
@@ -176,6 +225,18 @@ pub struct TrainOverrides {
     pub valid_examples: Option<usize>,
     #[arg(long, allow_negative_numbers = true)]
     pub log_every: Option<usize>,
+    /// Word-embedding size (text).
+    #[arg(long, allow_negative_numbers = true)]
+    pub embed_dim: Option<usize>,
+    /// Decoder dropout probability in training (text).
+    #[arg(long, allow_negative_numbers = true)]
+    pub dropout: Option<f64>,
+    /// Vocabulary size cap, <unk> <s> </s> included (text; default: every train word).
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_vocab: Option<usize>,
+    /// Drop train sentences with more words than this (text).
+    #[arg(long, allow_negative_numbers = true)]
+    pub max_len: Option<usize>,
 }
 
 macro_rules! merge_fields {
@@ -199,13 +260,14 @@ impl TrainOverrides {
         merge_fields!(cfg, self;
             dataset, model, grad, epochs, batch_size, lr, latent_dim, hidden, activation,
             svi_steps, svi_lr, svi_optimizer, svi_tol, prox, cg_iters, cg_tol, cg_damping, cg_retries, stationarity_tol, hvp,
-            samples, kl_start, kl_warmup_epochs, max_grad_norm, seed, dtype, log_every;
-            max_train_examples, valid_examples);
+            samples, kl_start, kl_warmup_epochs, max_grad_norm, seed, dtype, log_every,
+            embed_dim, dropout, max_len;
+            max_train_examples, valid_examples, max_vocab);
     }
 
     /// The names of the settings these overrides set (for resume conflict checks).
     pub fn is_empty(&self) -> bool {
-        let mut probe = TrainConfig::default();
+        let mut probe = TrainConfig::defaults_for(self.dataset.as_deref().unwrap_or("mnist"));
         let before = probe.clone();
         self.apply(&mut probe);
         probe == before && self.max_train_examples.is_none()
@@ -215,12 +277,37 @@ impl TrainOverrides {
 impl TrainConfig {
     /// Checks every value; errors name the flag.
     pub fn validate(&self) -> Result<()> {
-        savae_data::DatasetKind::parse(&self.dataset).context("--dataset")?;
-        if !["vae", "svi", "vae-svi", "savae"].contains(&self.model.as_str()) {
+        let text = savae_data::DataSpec::parse(&self.dataset)
+            .context("--dataset")?
+            .is_text();
+        if !["vae", "svi", "vae-svi", "savae", "lm"].contains(&self.model.as_str()) {
             bail!(
-                "--model {:?} is unknown: expected vae, svi, vae-svi or savae",
+                "--model {:?} is unknown: expected vae, svi, vae-svi, savae or lm",
                 self.model
             );
+        }
+        if self.model == "lm" && !text {
+            bail!("--model lm is the language-model baseline of text data sets: use --dataset ptb or text:DIR");
+        }
+        if text {
+            if self.embed_dim == 0 {
+                bail!("--embed-dim must be at least 1 for text (got 0)");
+            }
+            if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+                bail!("--dropout must be in [0, 1) (got {})", self.dropout);
+            }
+            if self.max_len == 0 {
+                bail!("--max-len must be at least 1 (got 0)");
+            }
+            if self.max_vocab.is_some_and(|v| v < 4) {
+                bail!("--max-vocab must be at least 4 (<unk>, <s>, </s> and one word)");
+            }
+            if self.hidden.len() != 1 {
+                bail!(
+                    "--hidden for a text model is one LSTM size (got {:?})",
+                    self.hidden
+                );
+            }
         }
         if !["implicit", "unrolled"].contains(&self.grad.as_str()) {
             bail!(
@@ -243,7 +330,9 @@ impl TrainConfig {
                 self.hidden
             );
         }
-        savae_model::Activation::parse(&self.activation).context("--activation")?;
+        if !text {
+            savae_model::Activation::parse(&self.activation).context("--activation")?;
+        }
         savae_inference::SviOptimizer::parse(&self.svi_optimizer, self.svi_lr)
             .context("--svi-optimizer")?;
         savae_implicit::HvpKind::parse(&self.hvp).context("--hvp")?;
@@ -300,13 +389,18 @@ impl TrainConfig {
         self.kl_start + (1.0 - self.kl_start) * t
     }
 
-    pub fn model_config(&self) -> savae_model::ModelConfig {
+    /// The architecture; `vocab_size` is the corpus vocabulary's size (0 for images).
+    pub fn model_config(&self, vocab_size: usize) -> savae_model::ModelConfig {
+        let text = vocab_size > 0;
         savae_model::ModelConfig {
             kind: self.model.clone(),
             latent_dim: self.latent_dim,
             hidden: self.hidden.clone(),
             activation: self.activation.clone(),
-            input_dim: savae_data::PIXELS,
+            input_dim: if text { 0 } else { savae_data::PIXELS },
+            vocab_size,
+            embed_dim: if text { self.embed_dim } else { 0 },
+            dropout: if text { self.dropout } else { 0.0 },
         }
     }
 

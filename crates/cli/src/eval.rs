@@ -5,15 +5,18 @@
 //! are then estimated with fresh noise (`elbo_samples` draws), so that the refined ELBO is
 //! not biased upward by having been optimized on the very noise that measures it.
 //! nll_iw = −log (1/N) Σ_k p(x, z_k)/q(z_k | λ*), z_k ~ q(· | λ*), N = iw_samples.
+//! Text adds perplexities over tokens (words + one end symbol per sentence) and the
+//! mutual information; the language model (`lm`) has its exact log-likelihood instead.
 
 use crate::batch;
+use crate::batch::SplitData;
 use crate::step::Mode;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use savae_data::{batch_rng, ImageSplit};
+use savae_data::batch_rng;
 use savae_inference::SviConfig;
-use savae_model::{elbo, gaussian_kl, log_weights, MlpVae, VariationalParams};
+use savae_model::{elbo, gaussian_kl, log_weights, Vae, VariationalParams};
 use serde::Serialize;
 
 /// What to evaluate.
@@ -46,7 +49,23 @@ pub struct EvalReport {
     pub active_units: usize,
     pub active_units_amortized: usize,
     pub svi_resets: usize,
-    /// Per-example ELBO at λ0 (file order), for the report's amortization-gap histogram.
+    /// Text: words plus one end symbol per sentence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<usize>,
+    /// Text: exp(−Σ ELBO_refined / tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl_bound: Option<f64>,
+    /// Text: exp(Σ nll_iw / tokens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ppl_iw: Option<f64>,
+    /// Text: the approximate mutual information I(x; z) of the amortized posterior
+    /// (Hoffman & Johnson 2016, computed as He et al. 2019 do; over the whole split).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mutual_info: Option<f64>,
+    /// The same with the refined posteriors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mutual_info_refined: Option<f64>,
+    /// Per-example ELBO at λ0 (evaluation order), for the report's amortization-gap histogram.
     #[serde(skip)]
     pub per_example_amortized: Vec<f64>,
     /// Per-example ELBO at the refined λ.
@@ -68,22 +87,80 @@ fn count_active(mus: &[Vec<f64>], d: usize) -> usize {
         .count()
 }
 
+/// The approximate mutual information of He et al. (2019, `calc_mi`) over N posteriors
+/// q(z | x_i) = N(μ_i, σ_i²):
+///   I ≈ (1/N) Σ_i E_q(z|x_i) log q(z | x_i) − (1/N) Σ_i log q̂(z_i),
+///   q̂(z) = (1/N) Σ_j q(z | x_j),  z_i ~ q(z | x_i) (one draw each, from `rng`).
+pub fn mutual_info(mus: &[Vec<f64>], logvars: &[Vec<f64>], rng: &mut impl rand::Rng) -> f64 {
+    use rand_distr::StandardNormal;
+    let n = mus.len();
+    if n == 0 {
+        return 0.0;
+    }
+    let d = mus[0].len();
+    let ln2pi = (2.0 * std::f64::consts::PI).ln();
+    let neg_entropy: f64 = logvars
+        .iter()
+        .map(|lv| -0.5 * d as f64 * ln2pi - 0.5 * lv.iter().map(|v| 1.0 + v).sum::<f64>())
+        .sum::<f64>()
+        / n as f64;
+    let zs: Vec<Vec<f64>> = (0..n)
+        .map(|i| {
+            (0..d)
+                .map(|j| {
+                    mus[i][j] + (0.5 * logvars[i][j]).exp() * rng.sample::<f64, _>(StandardNormal)
+                })
+                .collect()
+        })
+        .collect();
+    let inv_var: Vec<Vec<f64>> = logvars
+        .iter()
+        .map(|lv| lv.iter().map(|v| (-v).exp()).collect())
+        .collect();
+    let norm: Vec<f64> = logvars
+        .iter()
+        .map(|lv| -0.5 * (d as f64 * ln2pi + lv.iter().sum::<f64>()))
+        .collect();
+    let mut sum_log_qz = 0.0;
+    let mut dens = vec![0.0; n];
+    for z in &zs {
+        for j in 0..n {
+            let q: f64 = (0..d)
+                .map(|k| (z[k] - mus[j][k]).powi(2) * inv_var[j][k])
+                .sum();
+            dens[j] = norm[j] - 0.5 * q;
+        }
+        let m = dens.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + dens.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        sum_log_qz += lse - (n as f64).ln();
+    }
+    neg_entropy - sum_log_qz / n as f64
+}
+
 fn to_rows(t: &Tensor) -> Result<Vec<Vec<f64>>> {
     Ok(t.to_dtype(DType::F64)?.to_vec2::<f64>()?)
 }
 
-/// Evaluates `model` on `split` (all of it, in file order).
+fn sum(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// Elements of the largest decoder output evaluated at once in the importance sampling
+/// (pixels or vocabulary logits), to bound memory.
+const IW_CHUNK_ELEMENTS: usize = 20_000_000;
+
+/// Evaluates `model` on `split` (all of it; text in batches of equal length).
 pub fn evaluate(
-    model: &MlpVae,
-    split: &ImageSplit,
+    model: &Vae,
+    split: &SplitData,
     split_name: &str,
     opts: &EvalOptions,
     device: &Device,
 ) -> Result<EvalReport> {
     let dtype = model.dtype();
     let d = model.latent_dim();
-    let n = split.len;
-    let nb = n.div_ceil(opts.batch_size);
+    let n = split.len();
+    let batches = split.eval_batches(opts.batch_size);
     let pb = if opts.progress {
         let pb = ProgressBar::new(n as u64);
         pb.set_style(ProgressStyle::with_template(
@@ -93,18 +170,32 @@ pub fn evaluate(
     } else {
         ProgressBar::hidden()
     };
+    let latent = model.config.has_latent();
     let dec_det = model.decoder.detached();
     let (mut s_e0, mut s_er, mut s_k0, mut s_kr, mut s_nll, mut s_gn) =
         (0.0, 0.0, 0.0, 0.0, 0.0, 0.0);
     let mut resets = 0;
     let mut steps = 0;
-    let (mut mus0, mut musr) = (Vec::new(), Vec::new());
+    let mut done_n = 0;
+    let (mut mus0, mut musr, mut lv0, mut lvr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut pe0, mut per) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    for bi in 0..nb {
-        let idx: Vec<usize> = (bi * opts.batch_size..((bi + 1) * opts.batch_size).min(n)).collect();
+    for (bi, idx) in batches.iter().enumerate() {
         let b = idx.len();
         let mut rng = batch_rng(opts.seed, 1, 0, bi as u64);
-        let x = batch::images(split, &idx, &mut rng, dtype, device)?;
+        let x = split.batch(idx, &mut rng, dtype, device, None)?;
+        if !latent {
+            // The language model: log p(x) exactly.
+            let ll = dec_det.log_lik(&x, None)?.squeeze(0)?;
+            let v = ll.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let total: f64 = v.iter().sum();
+            (s_e0, s_er) = (s_e0 + total, s_er + total);
+            s_nll -= total;
+            pe0.extend(&v);
+            per.extend(&v);
+            done_n += b;
+            pb.inc(b as u64);
+            continue;
+        }
         let lambda0 = VariationalParams(model.encode(&x)?.0.detach());
         let lambda = if opts.refine {
             let eps_r = batch::noise(&mut rng, opts.refine_samples, b, d, dtype, device)?;
@@ -124,9 +215,6 @@ pub fn evaluate(
         let eps = batch::noise(&mut rng, opts.elbo_samples, b, d, dtype, device)?;
         let t0 = elbo(&dec_det, &x, &lambda0, &eps, 1.0)?;
         let tr = elbo(&dec_det, &x, &lambda, &eps, 1.0)?;
-        let sum = |t: &Tensor| -> Result<f64> {
-            Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
-        };
         pe0.extend(t0.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         per.extend(tr.elbo.to_dtype(DType::F64)?.to_vec1::<f64>()?);
         s_e0 += sum(&t0.elbo)?;
@@ -135,9 +223,17 @@ pub fn evaluate(
         s_kr += sum(&tr.kl)?;
         mus0.extend(to_rows(&lambda0.mu()?)?);
         musr.extend(to_rows(&lambda.mu()?)?);
+        lv0.extend(to_rows(&lambda0.logvar()?)?);
+        lvr.extend(to_rows(&lambda.logvar()?)?);
         if opts.iw_samples > 0 {
             // Running log-sum-exp over chunks of samples, per example.
-            let chunk = (opts.iw_samples).min((20_000 / b).max(1));
+            let width = match (&x, &model.config) {
+                (savae_model::Batch::Text(t), c) => t.steps() * c.vocab_size,
+                _ => savae_data::PIXELS,
+            };
+            let chunk = opts
+                .iw_samples
+                .min((IW_CHUNK_ELEMENTS / (b * width).max(1)).max(1));
             let mut acc: Option<Tensor> = None;
             let mut done = 0;
             while done < opts.iw_samples {
@@ -159,14 +255,27 @@ pub fn evaluate(
             let ll = (acc.expect("at least one chunk") - (opts.iw_samples as f64).ln())?;
             s_nll -= sum(&ll)?;
         }
+        done_n += b;
         pb.inc(b as u64);
-        pb.set_message(format!(
-            "elbo {:.2}",
-            s_er / ((bi + 1) * opts.batch_size).min(n) as f64
-        ));
+        pb.set_message(format!("elbo {:.2}", s_er / done_n as f64));
     }
     pb.finish_and_clear();
     let nf = n.max(1) as f64;
+    let tokens = split.tokens();
+    let has_nll = opts.iw_samples > 0 || !latent;
+    let mut mi_rng = batch_rng(opts.seed, 7, 0, 0);
+    let (mi, mi_r) = match (tokens, latent) {
+        (Some(_), true) => (
+            Some(if model.encoder.is_some() {
+                mutual_info(&mus0, &lv0, &mut mi_rng)
+            } else {
+                0.0
+            }),
+            Some(mutual_info(&musr, &lvr, &mut mi_rng)),
+        ),
+        (Some(_), false) => (Some(0.0), Some(0.0)),
+        _ => (None, None),
+    };
     Ok(EvalReport {
         split: split_name.to_string(),
         examples: n,
@@ -176,11 +285,16 @@ pub fn evaluate(
         kl_refined: s_kr / nf,
         svi_grad_norm: s_gn / nf,
         svi_steps: steps,
-        nll_iw: (opts.iw_samples > 0).then_some(s_nll / nf),
-        iw_samples: opts.iw_samples,
+        nll_iw: has_nll.then_some(s_nll / nf),
+        iw_samples: if latent { opts.iw_samples } else { 0 },
         active_units: count_active(&musr, d),
         active_units_amortized: count_active(&mus0, d),
         svi_resets: resets,
+        tokens,
+        ppl_bound: tokens.map(|t| (-s_er / t as f64).exp()),
+        ppl_iw: tokens.filter(|_| has_nll).map(|t| (s_nll / t as f64).exp()),
+        mutual_info: mi,
+        mutual_info_refined: mi_r,
         per_example_amortized: pe0,
         per_example_refined: per,
         refined_means: musr,
@@ -213,8 +327,10 @@ pub struct Evaluated {
     pub report: EvalReport,
     /// The JSON `savae eval` prints.
     pub json: serde_json::Value,
-    pub model: MlpVae,
-    pub split: ImageSplit,
+    pub model: Vae,
+    pub split: SplitData,
+    /// The vocabulary of a text model.
+    pub vocab: Option<savae_data::Vocab>,
     pub meta: crate::checkpoint::CheckpointMeta,
     pub options: EvalOptions,
 }
@@ -224,8 +340,14 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
     let ck = crate::checkpoint::load(&req.checkpoint)?;
     let cfg = ck.meta.config.clone();
     let model = ck.model(&req.checkpoint, cfg.dtype(), device)?;
-    let kind = savae_data::DatasetKind::parse(&ck.meta.dataset)?;
-    let data = savae_data::ImageData::load(kind, &req.data_dir)?;
+    let data = crate::batch::Corpus::load(
+        &ck.meta.dataset,
+        &req.data_dir,
+        ck.vocab(&req.checkpoint)?,
+        cfg.max_vocab,
+        cfg.max_len,
+        false,
+    )?;
     let split =
         savae_data::Split::parse(&req.split).map_err(|e| anyhow::anyhow!("--split: {e}"))?;
     let mut s = data.split(split).clone();
@@ -259,6 +381,7 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
         json,
         model,
         split: s,
+        vocab: data.vocab,
         meta: ck.meta,
         options,
     })

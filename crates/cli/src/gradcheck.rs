@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{MlpVae, ModelConfig, Noise};
+use savae_model::{ModelConfig, Noise, Vae};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -101,9 +101,12 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
                 hidden: vec![32],
                 activation: "softplus".into(),
                 input_dim: savae_data::PIXELS,
+                vocab_size: 0,
+                embed_dim: 0,
+                dropout: 0.0,
             };
             (
-                MlpVae::new(&cfg, a.seed, DType::F64, &dev)?,
+                Vae::new(&cfg, a.seed, DType::F64, &dev)?,
                 "mnist".to_string(),
             )
         }
@@ -117,7 +120,13 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         .map(|i| (i * n / a.examples + 7) % n)
         .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let x = crate::batch::images(&data.test, &idx, &mut rng, DType::F64, &dev)?;
+    let x = savae_model::Batch::Images(crate::batch::images(
+        &data.test,
+        &idx,
+        &mut rng,
+        DType::F64,
+        &dev,
+    )?);
     let eps = crate::batch::noise(&mut rng, 1, idx.len(), model.latent_dim(), DType::F64, &dev)?;
     let cfg = |mode: Mode| StepConfig {
         mode,
@@ -215,7 +224,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
 
 fn write_out(
     path: &std::path::Path,
-    model: &MlpVae,
+    model: &Vae,
     idx: &[usize],
     eps: &Noise,
     imp: &StepOutput,

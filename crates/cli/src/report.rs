@@ -386,8 +386,8 @@ impl Series {
     }
 }
 
-fn probs(decoder: &savae_model::Mlp, z: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let p = candle_nn::ops::sigmoid(&decoder.forward(z)?)?;
+fn probs(decoder: &savae_model::Decoder, z: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let p = candle_nn::ops::sigmoid(&decoder.as_mlp()?.forward(z)?)?;
     Ok(p.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
@@ -395,12 +395,15 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
     let model = &e.model;
     let dtype = model.dtype();
     let d = model.latent_dim();
-    let n = e.split.len;
+    let crate::batch::SplitData::Images(split) = &e.split else {
+        return Ok(Vec::new());
+    };
+    let n = split.len;
     let picks: Vec<usize> = (0..10.min(n)).map(|i| i * n / 10.min(n)).collect();
     let mut rng = savae_data::batch_rng(e.options.seed, 9, 0, 0);
-    let x = crate::batch::images(&e.split, &picks, &mut rng, dtype, device)?;
+    let x = crate::batch::images(split, &picks, &mut rng, dtype, device)?;
     let inputs: Vec<Vec<f32>> = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    let lam0 = model.encode(&x)?;
+    let lam0 = model.encode(&savae_model::Batch::Images(x.clone()))?;
     let mu0 = lam0.mu()?;
     let mu_ref = Tensor::from_vec(
         picks

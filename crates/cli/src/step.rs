@@ -11,12 +11,14 @@ use savae_implicit::{
     BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind, ValueGrad,
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
-use savae_model::{elbo, Mlp, MlpVae, Noise, VariationalParams};
+use savae_model::{elbo, Batch, Decoder, Noise, Vae, VariationalParams};
 use serde::Serialize;
 
 /// The training mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// The text decoder alone (no latent): the language-model baseline.
+    Lm,
     Vae,
     Svi,
     VaeSvi,
@@ -27,6 +29,7 @@ pub enum Mode {
 impl Mode {
     pub fn from_names(model: &str, grad: &str) -> Result<Self> {
         Ok(match (model, grad) {
+            ("lm", _) => Self::Lm,
             ("vae", _) => Self::Vae,
             ("svi", _) => Self::Svi,
             ("vae-svi", _) => Self::VaeSvi,
@@ -36,10 +39,11 @@ impl Mode {
         })
     }
     pub fn refines(self) -> bool {
-        self != Self::Vae
+        !matches!(self, Self::Vae | Self::Lm)
     }
     pub fn name(self) -> &'static str {
         match self {
+            Self::Lm => "lm",
             Self::Vae => "vae",
             Self::Svi => "svi",
             Self::VaeSvi => "vae-svi",
@@ -118,8 +122,8 @@ fn mean(t: &Tensor) -> Result<f64> {
 /// The ELBO of `decoder` at `lambda` with its gradient, the graph kept (see
 /// [`value_and_grad`]); parameter gradients are in the store unless `decoder` is detached.
 fn elbo_vg(
-    decoder: &Mlp,
-    x: &Tensor,
+    decoder: &Decoder,
+    x: &Batch,
     eps: &Noise,
     beta: f64,
     lambda: &Tensor,
@@ -132,8 +136,8 @@ fn elbo_vg(
 
 /// (values, ∇_λ Σ values) of the ELBO with a detached decoder (no parameter gradients).
 fn elbo_grad_fn<'a>(
-    decoder: &'a Mlp,
-    x: &'a Tensor,
+    decoder: &'a Decoder,
+    x: &'a Batch,
     eps: &'a Noise,
     beta: f64,
 ) -> impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a {
@@ -146,8 +150,8 @@ fn elbo_grad_fn<'a>(
 /// Refines `lambda0` on the ELBO of `decoder` (detached) with `svi`; the Newton optimizer
 /// gets exact Hessian-vector products of the same ELBO.
 pub fn refine_elbo(
-    decoder: &Mlp,
-    x: &Tensor,
+    decoder: &Decoder,
+    x: &Batch,
     eps: &Noise,
     beta: f64,
     lambda0: &Tensor,
@@ -170,7 +174,7 @@ pub fn refine_elbo(
     refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
 }
 
-fn collect(store: &GradStore, model: &MlpVae, scale: f64) -> Result<Vec<Tensor>> {
+fn collect(store: &GradStore, model: &Vae, scale: f64) -> Result<Vec<Tensor>> {
     model
         .params
         .iter()
@@ -181,7 +185,7 @@ fn collect(store: &GradStore, model: &MlpVae, scale: f64) -> Result<Vec<Tensor>>
         .collect()
 }
 
-fn add_into(acc: &mut [Tensor], model: &MlpVae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
+fn add_into(acc: &mut [Tensor], model: &Vae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
     let idx: Vec<usize> = model
         .params
         .iter()
@@ -210,13 +214,32 @@ fn svi_stats(r: &Refinement) -> SviStats {
     }
 }
 
-/// Computes the loss and gradients of one step on `x: [B, P]` with noise `eps: [S, B, d]`.
-pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> Result<StepOutput> {
-    let b = x.dim(0)? as f64;
+/// Computes the loss and gradients of one step on a batch of B examples with noise
+/// `eps: [S, B, d]`.
+pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Result<StepOutput> {
+    let b = x.len() as f64;
     let beta = cfg.beta;
     let lambda0 = model.encode(x)?;
     let dec_det = model.decoder.detached();
     match cfg.mode {
+        Mode::Lm => {
+            // L = −(1/B) Σ log p(x_b): no latent, no KL.
+            let ll = model.decoder.log_lik(x, None)?;
+            let loss_t = (ll.mean_all()? * -1.0)?;
+            let store = loss_t.backward()?;
+            let e = -loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            Ok(StepOutput {
+                grads: collect(&store, model, 1.0)?,
+                loss: -e,
+                elbo_amortized: e,
+                elbo_refined: None,
+                kl: 0.0,
+                svi: None,
+                cg: None,
+                lambda_refined: None,
+                lambda0: lambda0.0.detach(),
+            })
+        }
         Mode::Vae => {
             let t = elbo(&model.decoder, x, &lambda0, eps, beta)?;
             let loss_t = (t.elbo.mean_all()? * -1.0)?;
@@ -270,12 +293,12 @@ pub fn train_step(model: &MlpVae, x: &Tensor, eps: &Noise, cfg: &StepConfig) -> 
 }
 
 fn savae_step(
-    model: &MlpVae,
-    x: &Tensor,
+    model: &Vae,
+    x: &Batch,
     eps: &Noise,
     cfg: &StepConfig,
     lambda0: &VariationalParams,
-    dec_det: &Mlp,
+    dec_det: &Decoder,
     b: f64,
 ) -> Result<StepOutput> {
     let beta = cfg.beta;
@@ -337,7 +360,9 @@ fn savae_step(
             HvpKind::FiniteDifference => Box::new(FdHvp {
                 grad_fn: |l: &Tensor| Ok(gf(l)?.1),
                 lambda: r.lambda.clone(),
-                rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype()),
+                rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(
+                    r.lambda.dtype(),
+                ),
             }),
         };
         let sol = solve_adjoint(
@@ -362,7 +387,8 @@ fn savae_step(
                         })
                         .collect()
                 };
-                let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(x.dtype());
+                let rel =
+                    FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
                 mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u_solved, rel)?
             }
         };

@@ -8,6 +8,7 @@
 
 use crate::adam::{clip_global_norm, Adam};
 use crate::batch;
+use crate::batch::{Corpus, Dropout, SplitData};
 use crate::checkpoint::{self, CheckpointMeta, RngState, FORMAT_VERSION};
 use crate::config::{TrainConfig, TrainOverrides};
 use crate::eval::{evaluate, EvalOptions};
@@ -15,10 +16,10 @@ use crate::step::{train_step, Mode, StepConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use savae_data::{batch_rng, epoch_order, ImageData, ImageSplit};
+use savae_data::{batch_rng, epoch_order};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::MlpVae;
+use savae_model::{Batch, Vae};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -144,9 +145,20 @@ impl Metrics {
 /// Resolves the configuration of a new or resumed run and checks the run directory.
 fn resolve_config(opts: &TrainOptions) -> Result<(TrainConfig, Option<checkpoint::Checkpoint>)> {
     let last = opts.run_dir.join("last.safetensors");
-    let mut requested = TrainConfig::default();
-    if let Some(f) = &opts.config_file {
-        TrainOverrides::from_toml_file(f)?.apply(&mut requested);
+    let file = match &opts.config_file {
+        Some(f) => Some(TrainOverrides::from_toml_file(f)?),
+        None => None,
+    };
+    // The defaults depend on the data set (image MLP or text LSTM).
+    let dataset = opts
+        .overrides
+        .dataset
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.dataset.clone()))
+        .unwrap_or_else(|| "mnist".into());
+    let mut requested = TrainConfig::defaults_for(&dataset);
+    if let Some(f) = &file {
+        f.apply(&mut requested);
     }
     opts.overrides.apply(&mut requested);
     if opts.resume {
@@ -190,14 +202,18 @@ fn resolve_config(opts: &TrainOptions) -> Result<(TrainConfig, Option<checkpoint
     Ok((requested, None))
 }
 
-fn train_subset(data: &ImageSplit, cfg: &TrainConfig) -> ImageSplit {
+fn train_subset(data: &SplitData, cfg: &TrainConfig) -> SplitData {
     match cfg.max_train_examples {
-        Some(n) if n < data.len => {
-            let order = epoch_order(cfg.seed, u64::MAX, data.len);
+        Some(n) if n < data.len() => {
+            let order = epoch_order(cfg.seed, u64::MAX, data.len());
             data.select(&order[..n])
         }
         _ => data.clone(),
     }
+}
+
+fn last_path_of(opts: &TrainOptions) -> PathBuf {
+    opts.run_dir.join("last.safetensors")
 }
 
 /// Trains as configured; returns the summary. Writes into `opts.run_dir`.
@@ -224,8 +240,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if matches!(mode, Mode::SavaeImplicit | Mode::SavaeUnrolled) {
         savae_implicit::ensure_second_order()?;
     }
-    let kind = savae_data::DatasetKind::parse(&cfg.dataset)?;
-    let data = ImageData::load(kind, &opts.data_dir)?;
+    let stored_vocab = match &resume_from {
+        Some(ck) => ck.vocab(&last_path_of(opts))?,
+        None => None,
+    };
+    let data = Corpus::load(
+        &cfg.dataset,
+        &opts.data_dir,
+        stored_vocab,
+        cfg.max_vocab,
+        cfg.max_len,
+        opts.progress,
+    )?;
     let train_split = train_subset(&data.train, &cfg);
     let valid = match cfg.valid_examples {
         Some(n) => data.valid.truncate(n),
@@ -233,7 +259,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let device = &opts.device;
     let dtype = cfg.dtype();
-    let model = MlpVae::new(&cfg.model_config(), cfg.seed, dtype, device)?;
+    let vocab_size = data.vocab_size();
+    let model = Vae::new(&cfg.model_config(vocab_size), cfg.seed, dtype, device)?;
+    let vocab_words = data.vocab.as_ref().map(|v| v.words().to_vec());
+    let dropout = (vocab_size > 0 && cfg.dropout > 0.0).then(|| Dropout {
+        p: cfg.dropout,
+        embed: cfg.embed_dim,
+        hidden: cfg.hidden[0],
+    });
     let vars = model.params.vars();
     let mut adam = Adam::new(&vars, cfg.lr)?;
     let last_path = opts.run_dir.join("last.safetensors");
@@ -260,8 +293,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
     let mut metrics = Metrics::open(&opts.run_dir.join("metrics.jsonl"))?;
     let t0 = Instant::now();
-    let n = train_split.len;
-    let nb = n.div_ceil(cfg.batch_size);
+    let nb = train_split.epoch_batches(cfg.batch_size, cfg.seed, 0).len();
     let d = cfg.latent_dim;
     let mut bad_run = 0usize;
     // Testing hook: SAVAE_INJECT_NAN_FROM_STEP=N makes every loss from step N on NaN.
@@ -276,7 +308,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 best: Option<f64>| CheckpointMeta {
         format_version: FORMAT_VERSION,
         dataset: cfg.dataset.clone(),
-        model: cfg.model_config(),
+        model: cfg.model_config(vocab_size),
         epoch,
         step,
         rng: RngState {
@@ -293,6 +325,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         epoch_examples: 0,
         skipped_batches: 0,
         savae_version: env!("CARGO_PKG_VERSION").into(),
+        vocab: vocab_words.clone(),
     };
     // The summary at the current state of the loop.
     macro_rules! summary {
@@ -324,7 +357,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         }
         let beta = cfg.beta(epoch);
         let scfg = step_config(&cfg, beta)?;
-        let order = epoch_order(cfg.seed, epoch as u64, n);
+        let batches = train_split.epoch_batches(cfg.batch_size, cfg.seed, epoch as u64);
         let pb = if opts.progress {
             ProgressBar::new(nb as u64)
         } else {
@@ -362,9 +395,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 );
                 return Ok(summary!(true));
             }
-            let idx = &order[bi * cfg.batch_size..((bi + 1) * cfg.batch_size).min(n)];
+            let idx = &batches[bi];
             let mut rng = batch_rng(cfg.seed, 0, epoch as u64, bi as u64);
-            let x = batch::images(&train_split, idx, &mut rng, dtype, device)?;
+            // Dropout masks (text) are drawn with the batch and held fixed for the step.
+            let x = train_split.batch(idx, &mut rng, dtype, device, dropout)?;
             let eps = batch::noise(&mut rng, cfg.samples, idx.len(), d, dtype, device)?;
             let ts = Instant::now();
             let mut out = train_step(&model, &x, &eps, &scfg)?;
@@ -405,7 +439,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             sum_n += idx.len();
             let secs = ts.elapsed().as_secs_f64();
             let ex_s = idx.len() as f64 / secs.max(1e-9);
-            let mut msg = format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s);
+            let tok_s = match &x {
+                Batch::Text(t) => Some((t.len() * t.steps()) as f64 / secs.max(1e-9)),
+                Batch::Images(_) => None,
+            };
+            let mut msg = match tok_s {
+                Some(ts) => format!("loss {:.2} kl {:.2} {:.0} tok/s", out.loss, out.kl, ts),
+                None => format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s),
+            };
             if let Some(c) = &out.cg {
                 msg.push_str(&format!(
                     " cg {:.1}it fail {}",
@@ -419,7 +460,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 metrics.write(json!({
                     "kind": "step", "epoch": epoch + 1, "batch": bi + 1, "step": step,
                     "loss": out.loss, "elbo_amortized": out.elbo_amortized, "elbo_refined": out.elbo_refined,
-                    "kl": out.kl, "beta": beta, "grad_norm": gnorm, "examples_per_s": ex_s,
+                    "kl": out.kl, "beta": beta, "grad_norm": gnorm, "examples_per_s": ex_s, "tokens_per_s": tok_s,
                     "step_seconds": secs, "svi": out.svi, "cg": out.cg,
                 }))?;
             }
@@ -459,13 +500,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             "kind": "epoch", "epoch": epoch, "step": step, "beta": beta, "train_elbo": train_elbo,
             "valid_elbo_amortized": v.elbo_amortized, "valid_elbo_refined": v.elbo_refined,
             "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
+            "valid_ppl_bound": v.ppl_bound, "valid_mutual_info": v.mutual_info,
             "epoch_seconds": te.elapsed().as_secs_f64(), "skipped_batches": skipped, "best": improved,
             "svi_resets": n_resets, "cg_negative_curvature": n_negcurv, "cg_non_finite": n_nonfinite,
             "cg_retried": n_retried, "cg_fallbacks": n_fallbacks, "not_stationary": n_not_stationary,
         }))?;
         if opts.progress {
+            let ppl = v
+                .ppl_bound
+                .map(|p| format!(", ppl ≤ {p:.1}"))
+                .unwrap_or_default();
             eprintln!(
-                "epoch {epoch}/{}: train elbo {train_elbo:.2}, valid elbo {vel:.2} (amortized {:.2}), kl {:.2}, {:.0}s{}",
+                "epoch {epoch}/{}: train elbo {train_elbo:.2}, valid elbo {vel:.2} (amortized {:.2}){ppl}, kl {:.2}, {:.0}s{}",
                 cfg.epochs,
                 v.elbo_amortized,
                 v.kl_refined,

@@ -1,12 +1,13 @@
-//! The MLP VAE of savae for binarized 28×28 images.
+//! The VAEs of savae: an MLP VAE for binarized 28×28 images and the LSTM sentence VAE.
 //!
-//! Encoder: 784 → hidden[0] → … → 2d (first half μ, second half log σ²).
-//! Decoder: d → hidden[last] → … → hidden[0] → 784 Bernoulli logits.
-//! The `svi` training mode has no encoder (λ starts at 0).
+//! MLP — encoder: 784 → hidden[0] → … → 2d (first half μ, second half log σ²);
+//! decoder: d → hidden[last] → … → hidden[0] → 784 Bernoulli logits.
+//! LSTM — see [`crate::text`]; `hidden[0]` is the LSTM size.
+//! The `svi` mode has no encoder (λ starts at 0); the `lm` mode has no latent at all.
 
+use crate::text::{LstmDecoder, LstmEncoder, TokenBatch};
 use crate::{
-    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Linear, Mlp, Noise, ParamSet,
-    VariationalParams,
+    bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Mlp, Noise, ParamSet, VariationalParams,
 };
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -15,17 +16,28 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 /// The architecture, as stored in the checkpoint metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// Training mode the model was built for: vae, svi, vae-svi, savae.
+    /// Training mode the model was built for: vae, svi, vae-svi, savae, lm.
     pub kind: String,
     pub latent_dim: usize,
-    /// Hidden sizes of the encoder, input side first; the decoder mirrors them.
+    /// MLP: hidden sizes of the encoder, input side first (the decoder mirrors them).
+    /// LSTM: `[H]`, the LSTM size of encoder and decoder.
     pub hidden: Vec<usize>,
+    /// MLP activation (unused by the LSTM).
     pub activation: String,
-    /// Input size (784 for MNIST).
+    /// Input size (784 for MNIST; unused by the LSTM).
     #[serde(default = "default_input")]
     pub input_dim: usize,
+    /// Vocabulary size; 0 for image models.
+    #[serde(default)]
+    pub vocab_size: usize,
+    /// Word-embedding size (text models).
+    #[serde(default)]
+    pub embed_dim: usize,
+    /// Decoder dropout probability (text models; applied in training only).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 fn default_input() -> usize {
@@ -34,42 +46,165 @@ fn default_input() -> usize {
 
 impl ModelConfig {
     pub fn has_encoder(&self) -> bool {
-        self.kind != "svi"
+        self.kind != "svi" && self.kind != "lm"
+    }
+    /// False for the language model, whose decoder takes no z.
+    pub fn has_latent(&self) -> bool {
+        self.kind != "lm"
+    }
+    pub fn is_text(&self) -> bool {
+        self.vocab_size > 0
     }
     pub fn validate(&self) -> Result<()> {
         if self.latent_dim == 0 {
             bail!("--latent-dim must be at least 1 (got 0)");
         }
-        if self.hidden.contains(&0) {
+        if self.hidden.is_empty() || self.hidden.contains(&0) {
             bail!("--hidden sizes must be positive (got {:?})", self.hidden);
         }
-        Activation::parse(&self.activation)?;
+        if self.is_text() {
+            if self.embed_dim == 0 {
+                bail!("--embed-dim must be at least 1 (got 0)");
+            }
+            if !(0.0..1.0).contains(&self.dropout) {
+                bail!("--dropout must be in [0, 1) (got {})", self.dropout);
+            }
+        } else {
+            Activation::parse(&self.activation)?;
+        }
         Ok(())
     }
 }
 
-/// An MLP VAE: its parameters and the two networks built on them.
+/// An encoder: x → λ0 `[B, 2d]`.
 #[derive(Debug, Clone)]
-pub struct MlpVae {
-    pub config: ModelConfig,
-    pub params: ParamSet,
-    pub encoder: Option<Mlp>,
-    pub decoder: Mlp,
+pub enum Encoder {
+    Mlp(Mlp),
+    Lstm(LstmEncoder),
 }
 
-impl MlpVae {
+/// A decoder: log p(x | z).
+#[derive(Debug, Clone)]
+pub enum Decoder {
+    Mlp(Mlp),
+    Lstm(LstmDecoder),
+}
+
+/// A batch of data: images `[B, 784]` (0/1 values) or equal-length sentences.
+#[derive(Debug, Clone)]
+pub enum Batch {
+    Images(Tensor),
+    Text(TokenBatch),
+}
+
+impl Batch {
+    /// The number of examples B.
+    pub fn len(&self) -> usize {
+        match self {
+            Batch::Images(x) => x.dim(0).unwrap_or(0),
+            Batch::Text(t) => t.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The images, or an error for text.
+    pub fn images(&self) -> Result<&Tensor> {
+        match self {
+            Batch::Images(x) => Ok(x),
+            Batch::Text(_) => bail!("this needs an image batch"),
+        }
+    }
+}
+
+impl Decoder {
+    /// log p(x | z) per example: `z: [S, B, d]` → `[S, B]`. `z = None` only for the
+    /// language model (→ `[1, B]`).
+    pub fn log_lik(&self, x: &Batch, z: Option<&Tensor>) -> Result<Tensor> {
+        match (self, x) {
+            (Decoder::Mlp(mlp), Batch::Images(x)) => {
+                let z = z.ok_or_else(|| anyhow::anyhow!("an MLP decoder needs z"))?;
+                let (s, b, d) = z.dims3()?;
+                let logits = mlp.forward(&z.reshape((s * b, d))?)?;
+                let p = logits.dim(1)?;
+                Ok(bernoulli_log_lik(&logits.reshape((s, b, p))?, x)?)
+            }
+            (Decoder::Lstm(lstm), Batch::Text(x)) => lstm.log_lik(x, z),
+            _ => bail!("the batch does not match the model (images vs text)"),
+        }
+    }
+    /// The same decoder with its weights detached (gradients reach the input only).
+    pub fn detached(&self) -> Decoder {
+        match self {
+            Decoder::Mlp(m) => Decoder::Mlp(m.detached()),
+            Decoder::Lstm(l) => Decoder::Lstm(l.detached()),
+        }
+    }
+    /// The MLP of an image decoder.
+    pub fn as_mlp(&self) -> Result<&Mlp> {
+        match self {
+            Decoder::Mlp(m) => Ok(m),
+            Decoder::Lstm(_) => bail!("this needs an image (MLP) model"),
+        }
+    }
+    /// The LSTM of a text decoder.
+    pub fn as_lstm(&self) -> Result<&LstmDecoder> {
+        match self {
+            Decoder::Lstm(l) => Ok(l),
+            Decoder::Mlp(_) => bail!("this needs a text (LSTM) model"),
+        }
+    }
+}
+
+/// A VAE: its parameters and the two networks built on them.
+#[derive(Debug, Clone)]
+pub struct Vae {
+    pub config: ModelConfig,
+    pub params: ParamSet,
+    pub encoder: Option<Encoder>,
+    pub decoder: Decoder,
+}
+
+impl Vae {
     /// A freshly initialised model (weights drawn from `seed`).
     pub fn new(config: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         config.validate()?;
-        let act = Activation::parse(&config.activation)?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut params = ParamSet::new();
         let d = config.latent_dim;
+        if config.is_text() {
+            let dims = (config.vocab_size, config.embed_dim, config.hidden[0], d);
+            let encoder = if config.has_encoder() {
+                Some(Encoder::Lstm(LstmEncoder::init(
+                    &mut params,
+                    dims,
+                    &mut rng,
+                    dtype,
+                    device,
+                )?))
+            } else {
+                None
+            };
+            let dec_dims = (
+                dims.0,
+                dims.1,
+                dims.2,
+                if config.has_latent() { d } else { 0 },
+            );
+            let decoder = LstmDecoder::init(&mut params, dec_dims, &mut rng, dtype, device)?;
+            return Ok(Self {
+                config: config.clone(),
+                params,
+                encoder,
+                decoder: Decoder::Lstm(decoder),
+            });
+        }
+        let act = Activation::parse(&config.activation)?;
         let encoder = if config.has_encoder() {
             let mut sizes = vec![config.input_dim];
             sizes.extend(&config.hidden);
             sizes.push(2 * d);
-            Some(Mlp::init(
+            Some(Encoder::Mlp(Mlp::init(
                 &mut params,
                 "encoder",
                 &sizes,
@@ -77,7 +212,7 @@ impl MlpVae {
                 &mut rng,
                 dtype,
                 device,
-            )?)
+            )?))
         } else {
             None
         };
@@ -89,45 +224,15 @@ impl MlpVae {
             config: config.clone(),
             params,
             encoder,
-            decoder,
-        })
-    }
-
-    /// Builds the networks on existing parameters (names as in the checkpoint format).
-    pub fn from_params(config: &ModelConfig, params: ParamSet) -> Result<Self> {
-        let act = Activation::parse(&config.activation)?;
-        let net = |prefix: &str| -> Result<Option<Mlp>> {
-            let mut layers = Vec::new();
-            while let Some(w) = params.get(&format!("{prefix}.layers.{}.weight", layers.len())) {
-                let b = params
-                    .get(&format!("{prefix}.layers.{}.bias", layers.len()))
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("{prefix}.layers.{}.bias is missing", layers.len())
-                    })?;
-                layers.push(Linear {
-                    weight: w.as_tensor().clone(),
-                    bias: b.as_tensor().clone(),
-                });
-            }
-            Ok((!layers.is_empty()).then_some(Mlp {
-                layers,
-                activation: act,
-            }))
-        };
-        let encoder = net("encoder")?;
-        let decoder = net("decoder")?
-            .ok_or_else(|| anyhow::anyhow!("the model has no decoder parameters"))?;
-        Ok(Self {
-            config: config.clone(),
-            params,
-            encoder,
-            decoder,
+            decoder: Decoder::Mlp(decoder),
         })
     }
 
     /// A copy with every parameter converted to `dtype` on `device`.
     pub fn to(&self, dtype: DType, device: &Device) -> Result<Self> {
-        Self::from_params(&self.config, self.params.to(dtype, device)?)
+        let m = Self::new(&self.config, 0, dtype, device)?;
+        m.params.load_from(&self.params.to_map(), "model")?;
+        Ok(m)
     }
 
     /// The dtype of the parameters (f32 when the model has none).
@@ -151,34 +256,37 @@ impl MlpVae {
     }
 
     /// Amortized λ0 = enc(x): `[B, 2d]`; zeros when the model has no encoder.
-    pub fn encode(&self, x: &Tensor) -> Result<VariationalParams> {
-        match &self.encoder {
-            Some(enc) => Ok(VariationalParams(enc.forward(x)?)),
-            None => {
-                let b = x.dim(0)?;
+    pub fn encode(&self, x: &Batch) -> Result<VariationalParams> {
+        match (&self.encoder, x) {
+            (Some(Encoder::Mlp(enc)), Batch::Images(x)) => Ok(VariationalParams(enc.forward(x)?)),
+            (Some(Encoder::Lstm(enc)), Batch::Text(x)) => Ok(VariationalParams(enc.forward(x)?)),
+            (Some(_), _) => bail!("the batch does not match the model (images vs text)"),
+            (None, x) => {
+                let device = match x {
+                    Batch::Images(t) => t.device(),
+                    Batch::Text(t) => t.targets.device(),
+                };
                 Ok(VariationalParams(Tensor::zeros(
-                    (b, 2 * self.latent_dim()),
-                    x.dtype(),
-                    x.device(),
+                    (x.len(), 2 * self.latent_dim()),
+                    self.dtype(),
+                    device,
                 )?))
             }
         }
     }
 }
 
-/// ELBO terms of `decoder` for `x: [B, P]`, `λ: [B, 2d]`, `ε: [S, B, d]`, KL weight β.
+/// ELBO terms of `decoder` for a batch of B examples, `λ: [B, 2d]`, `ε: [S, B, d]`, KL weight β.
 pub fn elbo(
-    decoder: &Mlp,
-    x: &Tensor,
+    decoder: &Decoder,
+    x: &Batch,
     lambda: &VariationalParams,
     eps: &Noise,
     beta: f64,
 ) -> Result<ElboTerms> {
-    let (s, b, d) = eps.0.dims3()?;
-    let z = lambda.sample(eps)?.reshape((s * b, d))?;
-    let logits = decoder.forward(&z)?;
-    let p = logits.dim(1)?;
-    let ll = bernoulli_log_lik(&logits.reshape((s, b, p))?, x)?; // [S, B]
+    let s = eps.0.dim(0)?;
+    let z = lambda.sample(eps)?;
+    let ll = decoder.log_lik(x, Some(&z))?; // [S, B]
     let log_lik = (ll.sum(0)? / s as f64)?;
     let kl = gaussian_kl(lambda)?;
     let elbo = (&log_lik - (&kl * beta)?)?;
@@ -189,16 +297,13 @@ pub fn elbo(
 ///
 /// log p(z) − log q(z) = −½‖z‖² + ½‖ε‖² + ½ Σ log σ² (the 2π terms cancel).
 pub fn log_weights(
-    decoder: &Mlp,
-    x: &Tensor,
+    decoder: &Decoder,
+    x: &Batch,
     lambda: &VariationalParams,
     eps: &Noise,
 ) -> Result<Tensor> {
-    let (k, b, d) = eps.0.dims3()?;
     let z = lambda.sample(eps)?;
-    let logits = decoder.forward(&z.reshape((k * b, d))?)?;
-    let p = logits.dim(1)?;
-    let ll = bernoulli_log_lik(&logits.reshape((k, b, p))?, x)?;
+    let ll = decoder.log_lik(x, Some(&z))?;
     let prior_minus_q = ((eps.0.sqr()?.sum(2)? - z.sqr()?.sum(2)?)? * 0.5)?
         .broadcast_add(&(lambda.logvar()?.sum(1)? * 0.5)?)?;
     Ok((ll + prior_minus_q)?)
