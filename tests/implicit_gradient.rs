@@ -6,9 +6,9 @@ use savae_cli::gradcheck::rel_err;
 use savae_cli::step::{train_step, Mode, StepConfig};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{ModelConfig, Noise, Vae};
+use savae_model::{Batch, ModelConfig, Noise, Vae};
 
-fn setup(act: &str) -> (Vae, Tensor, Noise) {
+fn setup(act: &str) -> (Vae, Batch, Noise) {
     savae_implicit::enable_second_order();
     let cfg = ModelConfig {
         kind: "savae".into(),
@@ -16,6 +16,9 @@ fn setup(act: &str) -> (Vae, Tensor, Noise) {
         hidden: vec![6],
         activation: act.into(),
         input_dim: 12,
+        vocab_size: 0,
+        embed_dim: 0,
+        dropout: 0.0,
     };
     let dev = Device::Cpu;
     let model = Vae::new(&cfg, 3, DType::F64, &dev).unwrap();
@@ -25,7 +28,7 @@ fn setup(act: &str) -> (Vae, Tensor, Noise) {
     let x = Tensor::from_vec(xs, (3, 12), &dev).unwrap();
     let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
     let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
-    (model, x, eps)
+    (model, Batch::Images(x), eps)
 }
 
 fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
@@ -193,7 +196,7 @@ fn exact_hvp_matches_finite_differences_on_the_elbo_for_each_activation() {
 fn implicit_and_unrolled_agree_in_f32() {
     let (model, x, eps) = setup("softplus");
     let m32 = model.to(DType::F32, &Device::Cpu).unwrap();
-    let x32 = x.to_dtype(DType::F32).unwrap();
+    let x32 = Batch::Images(x.images().unwrap().to_dtype(DType::F32).unwrap());
     let eps32 = Noise(eps.0.to_dtype(DType::F32).unwrap());
     let imp = train_step(
         &m32,

@@ -386,3 +386,24 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
         options,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::mutual_info;
+    use rand::SeedableRng;
+
+    #[test]
+    fn mutual_info_is_log_n_for_separated_posteriors_and_near_zero_for_identical_ones() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let n = 400;
+        let far: Vec<Vec<f64>> = (0..n).map(|i| vec![i as f64 * 10.0, 0.0]).collect();
+        let tight = vec![vec![-6.0, -6.0]; n];
+        let mi = mutual_info(&far, &tight, &mut rng);
+        // Up to the sampling noise of E log q(z|x) (std ≈ √(d/2)/√n = 0.05).
+        assert!((mi - (n as f64).ln()).abs() < 0.15, "{mi}");
+        let same = vec![vec![0.3, -0.2]; n];
+        let unit = vec![vec![0.0, 0.0]; n];
+        let mi = mutual_info(&same, &unit, &mut rng);
+        assert!(mi.abs() < 0.15, "{mi}");
+    }
+}

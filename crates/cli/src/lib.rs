@@ -1,5 +1,5 @@
 //! The savae application: configuration, training steps, the training loop, checkpoints,
-//! evaluation, gradient checks and benchmarks. `main.rs` is a thin CLI over this.
+//! evaluation, sentence generation, gradient checks and benchmarks. `main.rs` is a thin CLI over this.
 
 pub mod adam;
 pub mod batch;
@@ -10,5 +10,6 @@ pub mod device;
 pub mod eval;
 pub mod gradcheck;
 pub mod report;
+pub mod sample;
 pub mod step;
 pub mod train;

@@ -7,7 +7,7 @@ use savae_cli::{
     config::{data_dir, TrainOverrides},
     device,
     eval::{evaluate_checkpoint, EvalRequest},
-    gradcheck, report,
+    gradcheck, report, sample,
     train::{train, TrainOptions},
 };
 use std::path::PathBuf;
@@ -41,6 +41,8 @@ enum Command {
     Gradcheck(gradcheck::GradcheckArgs),
     /// Time training steps of each mode (JSON lines).
     Bench(bench::BenchArgs),
+    /// Sentences from a text model: prior samples, reconstructions, interpolations.
+    Sample(sample::SampleArgs),
     /// Draw a run: training curves, reconstructions, samples, traversals, amortization gap.
     Report(report::ReportArgs),
 }
@@ -170,6 +172,7 @@ fn main() {
         Command::Eval(a) => run_eval(a),
         Command::Gradcheck(a) => gradcheck::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Sample(a) => sample::run(a),
         Command::Report(a) => report::run(a),
     };
     if let Err(e) = r {

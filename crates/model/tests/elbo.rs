@@ -1,7 +1,9 @@
 //! ELBO and KL against hand-computed values; ∇_λ ELBO against central differences (f64).
 
 use candle_core::{DType, Device, Tensor, Var};
-use savae_model::{elbo, gaussian_kl, Activation, Linear, Mlp, Noise, VariationalParams};
+use savae_model::{
+    elbo, gaussian_kl, Activation, Batch, Decoder, Linear, Mlp, Noise, VariationalParams,
+};
 
 fn t(v: &[f64], shape: &[usize]) -> Tensor {
     Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
@@ -37,7 +39,7 @@ fn elbo_matches_hand_computation() {
     let lam = VariationalParams(t(&[0.4, -0.6], &[1, 2]));
     let eps = Noise(t(&[0.7, -1.2], &[2, 1, 1]));
     let beta = 0.3;
-    let e = elbo(&dec, &x, &lam, &eps, beta).unwrap();
+    let e = elbo(&Decoder::Mlp(dec), &Batch::Images(x), &lam, &eps, beta).unwrap();
     let sigma = (-0.3f64).exp();
     let mut ll = 0.0;
     for ep in [0.7, -1.2] {
@@ -84,6 +86,7 @@ fn elbo_gradient_wrt_lambda_matches_central_differences() {
         ));
         let lam0: Vec<f64> = (0..12).map(|i| (i as f64 * 0.37).sin() * 0.8).collect();
         let var = Var::from_tensor(&t(&lam0, &[2, 6])).unwrap();
+        let (dec, x) = (Decoder::Mlp(dec), Batch::Images(x));
         let f = |l: &Tensor| {
             elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 0.8)
                 .unwrap()

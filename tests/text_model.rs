@@ -1,0 +1,327 @@
+//! The LSTM sentence VAE: its ELBO gradients against finite differences (f64), exact
+//! Hessian-vector products through the LSTM, implicit vs unrolled vs finite differences
+//! of the whole SA-VAE pipeline, and perplexities on a toy model whose value is known.
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use savae_cli::batch::{token_batch, Dropout, SplitData};
+use savae_cli::eval::{evaluate, EvalOptions};
+use savae_cli::gradcheck::rel_err;
+use savae_cli::step::{train_step, Mode, StepConfig};
+use savae_data::TextSplit;
+use savae_implicit::{value_and_grad, BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind};
+use savae_inference::{SviConfig, SviOptimizer};
+use savae_model::{elbo, Batch, ModelConfig, Noise, Vae, VariationalParams};
+
+const V: usize = 7;
+
+fn config(kind: &str) -> ModelConfig {
+    ModelConfig {
+        kind: kind.into(),
+        latent_dim: 2,
+        hidden: vec![4],
+        activation: "softplus".into(),
+        input_dim: 0,
+        vocab_size: V,
+        embed_dim: 3,
+        dropout: 0.3,
+    }
+}
+
+/// A tiny model (weights ±0.5 so that the LSTM is not near-linear), three sentences of
+/// four words (one `<unk>`), optional fixed dropout masks, and two noise draws.
+fn setup(dropout: bool) -> (Vae, Batch, Noise) {
+    savae_implicit::enable_second_order();
+    let dev = Device::Cpu;
+    let model = Vae::new(&config("savae"), 5, DType::F64, &dev).unwrap();
+    for (_, v) in model.params.iter() {
+        let t = (v.as_tensor() * 5.0).unwrap();
+        v.set(&t).unwrap();
+    }
+    let sents = [vec![3u32, 4, 5, 6], vec![6, 0, 3, 3], vec![5, 5, 4, 3]];
+    let refs: Vec<&Vec<u32>> = sents.iter().collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let dr = dropout.then_some(Dropout {
+        p: 0.3,
+        embed: 3,
+        hidden: 4,
+    });
+    let x = token_batch(&refs, &mut rng, DType::F64, &dev, dr).unwrap();
+    assert_eq!(x.dropout.is_some(), dropout);
+    let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
+    let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
+    (model, Batch::Text(x), eps)
+}
+
+fn lam() -> Tensor {
+    Tensor::from_vec(
+        (0..12)
+            .map(|i| ((i as f64) * 0.61).cos() * 0.5)
+            .collect::<Vec<_>>(),
+        (3, 4),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn flat(ts: &[Tensor]) -> Vec<f64> {
+    ts.iter()
+        .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+        .collect()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.sum_all().unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn lstm_elbo_gradients_match_central_differences() {
+    for dropout in [false, true] {
+        let (model, x, eps) = setup(dropout);
+        let f = |l: &Tensor| {
+            elbo(&model.decoder, &x, &VariationalParams(l.clone()), &eps, 0.8)
+                .unwrap()
+                .elbo
+        };
+        // ∇_λ.
+        let l0 = lam();
+        let var = Var::from_tensor(&l0).unwrap();
+        let store = f(var.as_tensor()).sum_all().unwrap().backward().unwrap();
+        let g = flat(&[store.get(var.as_tensor()).unwrap().clone()]);
+        let base = flat(&[l0.clone()]);
+        let h = 1e-6;
+        let fd: Vec<f64> = (0..base.len())
+            .map(|j| {
+                let at = |d: f64| {
+                    let mut w = base.clone();
+                    w[j] += d;
+                    scalar(&f(&Tensor::from_vec(w, (3, 4), &Device::Cpu).unwrap()))
+                };
+                (at(h) - at(-h)) / (2.0 * h)
+            })
+            .collect();
+        let e = rel_err(&g, &fd);
+        assert!(e < 1e-7, "dropout {dropout}: ∇_λ ELBO vs differences: {e}");
+        // ∇_θ of every decoder tensor (three entries each) in the same backward pass.
+        let mut got = Vec::new();
+        let mut want = Vec::new();
+        for (name, p) in model.decoder_params().iter() {
+            let gp = flat(&[store.get(p.as_tensor()).unwrap().clone()]);
+            let pb = flat(&[p.as_tensor().clone()]);
+            for j in [0, pb.len() / 2, pb.len() - 1] {
+                let at = |d: f64| {
+                    let mut w = pb.clone();
+                    w[j] += d;
+                    p.set(&Tensor::from_vec(w, p.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    scalar(&f(&l0))
+                };
+                let d = (at(h) - at(-h)) / (2.0 * h);
+                p.set(&Tensor::from_vec(pb.clone(), p.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                got.push(gp[j]);
+                want.push(d);
+                assert!(
+                    (gp[j] - d).abs() <= 1e-6 * (1.0 + d.abs()),
+                    "{name}[{j}]: {} vs {d}",
+                    gp[j]
+                );
+            }
+        }
+        assert!(rel_err(&got, &want) < 1e-7);
+    }
+}
+
+#[test]
+fn exact_hvp_through_the_lstm_matches_differences_of_the_gradient() {
+    let (model, x, eps) = setup(true);
+    savae_implicit::ensure_second_order().unwrap();
+    let dec = model.decoder.detached();
+    let f = |l: &Tensor| Ok(elbo(&dec, &x, &VariationalParams(l.clone()), &eps, 1.0)?.elbo);
+    let v = Tensor::from_vec(
+        (0..12)
+            .map(|i| ((i as f64) * 1.7).sin())
+            .collect::<Vec<_>>(),
+        (3, 4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let vg = value_and_grad(f, &lam()).unwrap();
+    let exact = ExactHvp {
+        lambda: vg.lambda,
+        grad: vg.grad,
+    }
+    .apply(&v)
+    .unwrap();
+    let fd = FdHvp {
+        grad_fn: |l: &Tensor| Ok(value_and_grad(f, l)?.grad.detach()),
+        lambda: lam(),
+        rel_step: 1e-5,
+    }
+    .apply(&v)
+    .unwrap();
+    let e = rel_err(&flat(&[exact.clone()]), &flat(&[fd]));
+    assert!(e < 1e-7, "exact vs differenced HVP through the LSTM: {e}");
+    assert!(
+        scalar(&exact.abs().unwrap()) > 1e-3,
+        "the HVP is trivially small"
+    );
+}
+
+fn step_cfg(mode: Mode, steps: usize) -> StepConfig {
+    StepConfig {
+        mode,
+        beta: 0.7,
+        svi: SviConfig {
+            steps,
+            optimizer: SviOptimizer::Sgd {
+                lr: 0.5,
+                momentum: 0.5,
+                clip: 1e9,
+            },
+            prox: 2.0,
+            tol: 0.0,
+            batch_size: 1,
+        },
+        cg: CgConfig {
+            max_iters: 50,
+            tol: 1e-13,
+        },
+        damping: 0.0,
+        hvp: HvpKind::Exact,
+        cg_retries: 3,
+        stationarity_tol: f64::INFINITY,
+    }
+}
+
+#[test]
+fn text_savae_implicit_unrolled_and_finite_differences_agree() {
+    let (model, x, eps) = setup(true);
+    savae_implicit::ensure_second_order().unwrap();
+    let imp = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300)).unwrap();
+    let unr = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeUnrolled, 300)).unwrap();
+    let svi = imp.svi.as_ref().unwrap();
+    assert!(
+        svi.final_grad_norm_max < 1e-10,
+        "refinement did not converge: {svi:?}"
+    );
+    let (gi, gu) = (flat(&imp.grads), flat(&unr.grads));
+    let e = rel_err(&gi, &gu);
+    assert!(e < 1e-6, "implicit vs unrolled: {e}");
+    // Central differences of the whole pipeline for a few entries of every tensor.
+    let cfg = step_cfg(Mode::SavaeImplicit, 300);
+    let vars = model.params.vars();
+    let (mut fd, mut picked) = (Vec::new(), Vec::new());
+    let h = 1e-5;
+    for (vi, var) in vars.iter().enumerate() {
+        let base = flat(&[var.as_tensor().clone()]);
+        for j in [0, base.len() - 1] {
+            let at = |d: f64| {
+                let mut w = base.clone();
+                w[j] += d;
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                train_step(&model, &x, &eps, &cfg).unwrap().loss
+            };
+            fd.push((at(h) - at(-h)) / (2.0 * h));
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            picked.push(vars[..vi].iter().map(|v| v.elem_count()).sum::<usize>() + j);
+        }
+    }
+    let gi_p: Vec<f64> = picked.iter().map(|&i| gi[i]).collect();
+    let e = rel_err(&gi_p, &fd);
+    assert!(e < 1e-6, "implicit vs differences: {e}: {gi_p:?} vs {fd:?}");
+}
+
+#[test]
+fn every_mode_takes_a_finite_step_on_text() {
+    let (model, x, eps) = setup(true);
+    for mode in [
+        Mode::Vae,
+        Mode::Svi,
+        Mode::VaeSvi,
+        Mode::SavaeImplicit,
+        Mode::SavaeUnrolled,
+    ] {
+        let out = train_step(&model, &x, &eps, &step_cfg(mode, 5)).unwrap();
+        assert!(out.loss.is_finite(), "{mode:?}");
+        let norm: f64 = flat(&out.grads).iter().map(|v| v * v).sum();
+        assert!(
+            norm.is_finite() && norm > 0.0,
+            "{mode:?}: gradient norm² {norm}"
+        );
+    }
+    let lm = Vae::new(&config("lm"), 5, DType::F64, &Device::Cpu).unwrap();
+    assert!(lm.encoder.is_none() && lm.params.get("decoder.init.weight").is_none());
+    let out = train_step(&lm, &x, &eps, &step_cfg(Mode::Lm, 0)).unwrap();
+    assert!(out.loss > 0.0 && out.kl == 0.0);
+}
+
+/// Every weight zero but the output bias, set to log p for a unigram distribution p: the
+/// decoder ignores z and log p(x) = Σ_t log p(x_t) exactly, so both perplexities are
+/// exp(−Σ log p / tokens), whatever the proposal.
+#[test]
+fn perplexity_of_a_unigram_toy_model_is_exact() {
+    savae_implicit::enable_second_order();
+    let p: [f64; V] = [0.05, 0.01, 0.2, 0.3, 0.15, 0.25, 0.04];
+    let sentences = vec![vec![3u32, 4, 5], vec![5, 5], vec![6, 3, 0, 4], vec![4, 4]];
+    let tokens: usize = sentences.iter().map(|s| s.len() + 1).sum();
+    let logp: f64 = sentences
+        .iter()
+        .map(|s| {
+            s.iter().map(|&w| p[w as usize].ln()).sum::<f64>()
+                + p[savae_data::text::EOS as usize].ln()
+        })
+        .sum();
+    let exact = (-logp / tokens as f64).exp();
+    let split = SplitData::Text(TextSplit { sentences });
+    for kind in ["savae", "lm"] {
+        let model = Vae::new(&config(kind), 1, DType::F64, &Device::Cpu).unwrap();
+        for (name, v) in model.params.iter() {
+            let t = if name == "decoder.out.bias" {
+                Tensor::from_vec(
+                    p.iter().map(|x| x.ln()).collect::<Vec<_>>(),
+                    V,
+                    &Device::Cpu,
+                )
+                .unwrap()
+            } else {
+                v.as_tensor().zeros_like().unwrap()
+            };
+            v.set(&t).unwrap();
+        }
+        let opts = EvalOptions {
+            svi: SviConfig {
+                steps: 5,
+                optimizer: SviOptimizer::Sgd {
+                    lr: 1.0,
+                    momentum: 0.5,
+                    clip: 5.0,
+                },
+                prox: 1.0,
+                tol: 0.0,
+                batch_size: 2,
+            },
+            refine: true,
+            iw_samples: 7,
+            elbo_samples: 3,
+            refine_samples: 2,
+            batch_size: 2,
+            seed: 1,
+            progress: false,
+        };
+        let r = evaluate(&model, &split, "toy", &opts, &Device::Cpu).unwrap();
+        assert_eq!(r.tokens, Some(tokens));
+        let (pb, pi) = (r.ppl_bound.unwrap(), r.ppl_iw.unwrap());
+        assert!(
+            (pi - exact).abs() < 1e-9 * exact,
+            "{kind}: ppl_iw {pi} vs {exact}"
+        );
+        assert!(
+            (pb - exact).abs() < 1e-9 * exact,
+            "{kind}: ppl_bound {pb} vs {exact}"
+        );
+        assert!(r.kl_refined.abs() < 1e-12, "{kind}: kl {}", r.kl_refined);
+    }
+}
