@@ -250,7 +250,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         stored_vocab,
         cfg.max_vocab,
         cfg.max_len,
-        opts.progress,
+        true,
     )?;
     let train_split = train_subset(&data.train, &cfg);
     let valid = match cfg.valid_examples {

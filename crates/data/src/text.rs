@@ -231,21 +231,20 @@ impl TextData {
         let (train_lines, e1) = lines(Split::Train)?;
         let (valid_lines, e2) = lines(Split::Valid)?;
         let (test_lines, e3) = lines(Split::Test)?;
-        let vocab = vocab
-            .unwrap_or_else(|| Vocab::build(train_lines.iter().map(|s| s.as_str()), max_vocab));
-        let mut stats = LoadStats {
+        let (kept, too_long): (Vec<&String>, Vec<&String>) = train_lines
+            .iter()
+            .partition(|l| l.split_whitespace().count() <= max_len);
+        // The vocabulary comes from the sentences that train (a word seen only in a
+        // dropped sentence would keep an untrained embedding).
+        let vocab =
+            vocab.unwrap_or_else(|| Vocab::build(kept.iter().map(|s| s.as_str()), max_vocab));
+        let stats = LoadStats {
             empty_lines: e1 + e2 + e3,
-            too_long: 0,
+            too_long: too_long.len(),
         };
-        let mut train = TextSplit::default();
-        for l in &train_lines {
-            let ids = vocab.encode(l);
-            if ids.len() > max_len {
-                stats.too_long += 1;
-            } else {
-                train.sentences.push(ids);
-            }
-        }
+        let train = TextSplit {
+            sentences: kept.iter().map(|l| vocab.encode(l)).collect(),
+        };
         if train.is_empty() {
             bail!("no train sentence has at most {max_len} words: raise --max-len");
         }
