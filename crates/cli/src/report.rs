@@ -480,6 +480,72 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
     ])
 }
 
+/// Text models: `samples.txt` with sentences from the prior (greedy and sampled) and
+/// greedy reconstructions of ten sentences of the split at their refined posterior means.
+fn text_samples(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String>> {
+    use crate::sample::{decode, Decoding};
+    let (Some(vocab), crate::batch::SplitData::Text(split)) = (&e.vocab, &e.split) else {
+        return Ok(Vec::new());
+    };
+    let model = &e.model;
+    let dec = model.decoder.detached();
+    let dec = dec.as_lstm()?;
+    let latent = model.config.has_latent();
+    let mut rng = savae_data::batch_rng(e.options.seed, 11, 0, 0);
+    let mut text = String::new();
+    for (name, how) in [
+        ("greedy", Decoding::Greedy),
+        ("sampled", Decoding::Sample { temperature: 1.0 }),
+    ] {
+        let z = if latent {
+            Some(
+                crate::batch::noise(&mut rng, 1, 8, model.latent_dim(), model.dtype(), device)?
+                    .0
+                    .squeeze(0)?,
+            )
+        } else {
+            None
+        };
+        text.push_str(&format!("# from the prior, {name}\n"));
+        for s in decode(dec, z.as_ref(), 8, how, 40, &mut rng, device)? {
+            text.push_str(&format!("- {}\n", vocab.decode(&s)));
+        }
+        text.push('\n');
+    }
+    // Reconstructions: the refined means are in evaluation order (grouped by length).
+    let order: Vec<usize> = split.eval_batches(e.options.batch_size).concat();
+    let n = order.len();
+    if latent && n > 0 {
+        let picks: Vec<usize> = (0..10.min(n)).map(|i| i * n / 10.min(n)).collect();
+        let d = model.latent_dim();
+        let mus: Vec<f32> = picks
+            .iter()
+            .flat_map(|&p| e.report.refined_means[p].iter().map(|&v| v as f32))
+            .collect();
+        let z = Tensor::from_vec(mus, (picks.len(), d), device)?.to_dtype(model.dtype())?;
+        let recon = decode(
+            dec,
+            Some(&z),
+            picks.len(),
+            Decoding::Greedy,
+            40,
+            &mut rng,
+            device,
+        )?;
+        text.push_str("# reconstructions (greedy, at the refined posterior mean)\n");
+        for (p, r) in picks.iter().zip(recon) {
+            text.push_str(&format!(
+                "input: {}\noutput: {}\n\n",
+                vocab.decode(&split.sentences[order[*p]]),
+                vocab.decode(&r)
+            ));
+        }
+    }
+    std::fs::write(out.join("samples.txt"), text)
+        .with_context(|| format!("cannot write {}", out.join("samples.txt").display()))?;
+    Ok(vec!["samples.txt".into()])
+}
+
 pub fn run(a: ReportArgs) -> Result<()> {
     register_font()?;
     let (ck, run_dir) = match (&a.checkpoint, &a.run_dir) {
@@ -532,6 +598,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         files.extend(curves(&read_metrics(&m)?, &out)?);
     }
     files.extend(mnist_pictures(&e, &out, &device)?);
+    files.extend(text_samples(&e, &out, &device)?);
     let gap: Vec<f64> = e
         .report
         .per_example_refined
@@ -611,7 +678,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     std::fs::write(out.join("summary.md"), md)
         .with_context(|| format!("cannot write {}", out.join("summary.md").display()))?;
     eprintln!(
-        "savae: report written to {} ({} pictures and summary.md)",
+        "savae: report written to {} ({} files and summary.md)",
         out.display(),
         files.len()
     );
