@@ -88,7 +88,7 @@ fn lstm_elbo_gradients_match_central_differences() {
         let var = Var::from_tensor(&l0).unwrap();
         let store = f(var.as_tensor()).sum_all().unwrap().backward().unwrap();
         let g = flat(&[store.get(var.as_tensor()).unwrap().clone()]);
-        let base = flat(&[l0.clone()]);
+        let base = flat(std::slice::from_ref(&l0));
         let h = 1e-6;
         let fd: Vec<f64> = (0..base.len())
             .map(|j| {
@@ -160,7 +160,7 @@ fn exact_hvp_through_the_lstm_matches_differences_of_the_gradient() {
     }
     .apply(&v)
     .unwrap();
-    let e = rel_err(&flat(&[exact.clone()]), &flat(&[fd]));
+    let e = rel_err(&flat(std::slice::from_ref(&exact)), &flat(&[fd]));
     assert!(e < 1e-7, "exact vs differenced HVP through the LSTM: {e}");
     assert!(
         scalar(&exact.abs().unwrap()) > 1e-3,

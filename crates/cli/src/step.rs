@@ -222,10 +222,15 @@ pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Resu
     let lambda0 = model.encode(x)?;
     let dec_det = model.decoder.detached();
     match cfg.mode {
-        Mode::Lm => {
-            // L = −(1/B) Σ log p(x_b): no latent, no KL.
-            let ll = model.decoder.log_lik(x, None)?;
-            let loss_t = (ll.mean_all()? * -1.0)?;
+        Mode::Lm | Mode::Vae => {
+            // L = −(1/B) Σ ELBO_β(λ0), or −(1/B) Σ log p(x_b) for the language model.
+            let (objective, kl) = if cfg.mode == Mode::Lm {
+                (model.decoder.log_lik(x, None)?, 0.0)
+            } else {
+                let t = elbo(&model.decoder, x, &lambda0, eps, beta)?;
+                (t.elbo, mean(&t.kl)?)
+            };
+            let loss_t = (objective.mean_all()? * -1.0)?;
             let store = loss_t.backward()?;
             let e = -loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             Ok(StepOutput {
@@ -233,24 +238,7 @@ pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Resu
                 loss: -e,
                 elbo_amortized: e,
                 elbo_refined: None,
-                kl: 0.0,
-                svi: None,
-                cg: None,
-                lambda_refined: None,
-                lambda0: lambda0.0.detach(),
-            })
-        }
-        Mode::Vae => {
-            let t = elbo(&model.decoder, x, &lambda0, eps, beta)?;
-            let loss_t = (t.elbo.mean_all()? * -1.0)?;
-            let store = loss_t.backward()?;
-            let e = -loss_t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            Ok(StepOutput {
-                grads: collect(&store, model, 1.0)?,
-                loss: -e,
-                elbo_amortized: e,
-                elbo_refined: None,
-                kl: mean(&t.kl)?,
+                kl,
                 svi: None,
                 cg: None,
                 lambda_refined: None,

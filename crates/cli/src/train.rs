@@ -376,7 +376,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let mut n_not_stationary = 0usize;
         (carried_loss, carried_n) = (0.0, 0);
         pb.set_position(start_batch as u64);
-        for bi in start_batch..nb {
+        for (bi, idx) in batches.iter().enumerate().skip(start_batch) {
             if bi > start_batch && interrupted() {
                 pb.finish_and_clear();
                 let mut m = meta(epoch, bi, step, adam.t, last_valid, best);
@@ -395,7 +395,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 );
                 return Ok(summary!(true));
             }
-            let idx = &batches[bi];
             let mut rng = batch_rng(cfg.seed, 0, epoch as u64, bi as u64);
             // Dropout masks (text) are drawn with the batch and held fixed for the step.
             let x = train_split.batch(idx, &mut rng, dtype, device, dropout)?;

@@ -28,6 +28,10 @@ pub const EOS: u32 = 2;
 /// The special symbols, in id order.
 pub const SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
 
+/// A line with more words than this is refused: it is not a sentence (a file without line
+/// breaks would otherwise become one LSTM sequence of the whole corpus).
+pub const MAX_LINE_WORDS: usize = 10_000;
+
 /// Where a text corpus comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TextSource {
@@ -216,9 +220,16 @@ impl TextData {
             let (text, what) = read_split(source, data_dir, split)?;
             let mut out = Vec::new();
             let mut empty = 0;
-            for l in text.lines() {
-                if l.trim().is_empty() {
+            for (i, l) in text.lines().enumerate() {
+                let words = l.split_whitespace().count();
+                if words == 0 {
                     empty += 1;
+                } else if words > MAX_LINE_WORDS {
+                    bail!(
+                        "text file {what}: line {} has {words} words; savae reads one sentence \
+                         per line (is the file missing its line breaks?)",
+                        i + 1
+                    );
                 } else {
                     out.push(l.to_string());
                 }

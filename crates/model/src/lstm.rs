@@ -6,53 +6,34 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
-/// A tensor of `shape` drawn uniformly in ±`bound`, registered in `params` as `name`.
-pub fn uniform_param(
-    params: &mut ParamSet,
-    name: &str,
-    shape: &[usize],
-    bound: f64,
-    rng: &mut impl Rng,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
-    let var = Var::from_tensor(&Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)?;
-    params.push(name.to_string(), var.clone());
-    Ok(var.as_tensor().clone())
+/// Draws parameters uniformly in ±`bound` from one RNG and registers them by name.
+pub struct ParamInit<'a, R: Rng> {
+    pub params: &'a mut ParamSet,
+    pub rng: &'a mut R,
+    pub bound: f64,
+    pub dtype: DType,
+    pub device: &'a Device,
 }
 
-/// A linear layer `{prefix}.weight: [out, in]`, `{prefix}.bias: [out]`, uniform in ±`bound`.
-pub fn init_linear(
-    params: &mut ParamSet,
-    prefix: &str,
-    (fan_in, fan_out): (usize, usize),
-    bound: f64,
-    rng: &mut impl Rng,
-    dtype: DType,
-    device: &Device,
-) -> Result<Linear> {
-    Ok(Linear {
-        weight: uniform_param(
-            params,
-            &format!("{prefix}.weight"),
-            &[fan_out, fan_in],
-            bound,
-            rng,
-            dtype,
-            device,
-        )?,
-        bias: uniform_param(
-            params,
-            &format!("{prefix}.bias"),
-            &[fan_out],
-            bound,
-            rng,
-            dtype,
-            device,
-        )?,
-    })
+impl<R: Rng> ParamInit<'_, R> {
+    /// A tensor of `shape`, registered as `name`.
+    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let b = self.bound;
+        let v: Vec<f64> = (0..n).map(|_| self.rng.random_range(-b..b)).collect();
+        let t = Tensor::from_vec(v, shape, self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        self.params.push(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    /// A linear layer `{prefix}.weight: [out, in]`, `{prefix}.bias: [out]`.
+    pub fn linear(&mut self, prefix: &str, fan_in: usize, fan_out: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.tensor(&format!("{prefix}.weight"), &[fan_out, fan_in])?,
+            bias: self.tensor(&format!("{prefix}.bias"), &[fan_out])?,
+        })
+    }
 }
 
 /// LSTM weights: `weight_ih: [4H, I]`, `weight_hh: [4H, H]`, `bias: [4H]` (one bias; the
@@ -67,42 +48,15 @@ pub struct Lstm {
 impl Lstm {
     /// Creates `{prefix}.weight_ih`, `{prefix}.weight_hh`, `{prefix}.bias`.
     pub fn init(
-        params: &mut ParamSet,
+        init: &mut ParamInit<'_, impl Rng>,
         prefix: &str,
-        (input, hidden): (usize, usize),
-        bound: f64,
-        rng: &mut impl Rng,
-        dtype: DType,
-        device: &Device,
+        input: usize,
+        hidden: usize,
     ) -> Result<Self> {
         Ok(Self {
-            weight_ih: uniform_param(
-                params,
-                &format!("{prefix}.weight_ih"),
-                &[4 * hidden, input],
-                bound,
-                rng,
-                dtype,
-                device,
-            )?,
-            weight_hh: uniform_param(
-                params,
-                &format!("{prefix}.weight_hh"),
-                &[4 * hidden, hidden],
-                bound,
-                rng,
-                dtype,
-                device,
-            )?,
-            bias: uniform_param(
-                params,
-                &format!("{prefix}.bias"),
-                &[4 * hidden],
-                bound,
-                rng,
-                dtype,
-                device,
-            )?,
+            weight_ih: init.tensor(&format!("{prefix}.weight_ih"), &[4 * hidden, input])?,
+            weight_hh: init.tensor(&format!("{prefix}.weight_hh"), &[4 * hidden, hidden])?,
+            bias: init.tensor(&format!("{prefix}.bias"), &[4 * hidden])?,
         })
     }
 

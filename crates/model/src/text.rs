@@ -8,10 +8,10 @@
 //! The language-model baseline (`lm`) is the same decoder without z (`h0 = 0`).
 //! Sentences of a batch have equal length, so nothing is padded or masked.
 
-use crate::lstm::{init_linear, uniform_param, Lstm};
-use crate::{Linear, ParamSet};
+use crate::lstm::{Lstm, ParamInit};
+use crate::Linear;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Tensor, D};
 use rand::Rng;
 
 /// Initialisation bound of every text-model weight (SA-VAE's uniform ±0.1).
@@ -60,41 +60,13 @@ pub struct LstmEncoder {
 
 impl LstmEncoder {
     pub fn init(
-        params: &mut ParamSet,
+        init: &mut ParamInit<'_, impl Rng>,
         (vocab, embed, hidden, latent): (usize, usize, usize, usize),
-        rng: &mut impl Rng,
-        dtype: DType,
-        device: &Device,
     ) -> Result<Self> {
-        let b = INIT_BOUND;
         Ok(Self {
-            embed: uniform_param(
-                params,
-                "encoder.embed.weight",
-                &[vocab, embed],
-                b,
-                rng,
-                dtype,
-                device,
-            )?,
-            lstm: Lstm::init(
-                params,
-                "encoder.lstm",
-                (embed, hidden),
-                b,
-                rng,
-                dtype,
-                device,
-            )?,
-            out: init_linear(
-                params,
-                "encoder.out",
-                (hidden, 2 * latent),
-                b,
-                rng,
-                dtype,
-                device,
-            )?,
+            embed: init.tensor("encoder.embed.weight", &[vocab, embed])?,
+            lstm: Lstm::init(init, "encoder.lstm", embed, hidden)?,
+            out: init.linear("encoder.out", hidden, 2 * latent)?,
         })
     }
 
@@ -128,58 +100,21 @@ pub struct LstmDecoder {
 impl LstmDecoder {
     /// `latent == 0` builds the language model (no z).
     pub fn init(
-        params: &mut ParamSet,
+        init: &mut ParamInit<'_, impl Rng>,
         (vocab, embed, hidden, latent): (usize, usize, usize, usize),
-        rng: &mut impl Rng,
-        dtype: DType,
-        device: &Device,
     ) -> Result<Self> {
-        let b = INIT_BOUND;
-        let embed_t = uniform_param(
-            params,
-            "decoder.embed.weight",
-            &[vocab, embed],
-            b,
-            rng,
-            dtype,
-            device,
-        )?;
-        let lstm = Lstm::init(
-            params,
-            "decoder.lstm",
-            (embed + latent, hidden),
-            b,
-            rng,
-            dtype,
-            device,
-        )?;
-        let init = if latent > 0 {
-            Some(init_linear(
-                params,
-                "decoder.init",
-                (latent, hidden),
-                b,
-                rng,
-                dtype,
-                device,
-            )?)
+        let embed_t = init.tensor("decoder.embed.weight", &[vocab, embed])?;
+        let lstm = Lstm::init(init, "decoder.lstm", embed + latent, hidden)?;
+        let z_init = if latent > 0 {
+            Some(init.linear("decoder.init", latent, hidden)?)
         } else {
             None
         };
-        let out = init_linear(
-            params,
-            "decoder.out",
-            (hidden, vocab),
-            b,
-            rng,
-            dtype,
-            device,
-        )?;
         Ok(Self {
             embed: embed_t,
             lstm,
-            init,
-            out,
+            init: z_init,
+            out: init.linear("decoder.out", hidden, vocab)?,
         })
     }
 

@@ -5,6 +5,7 @@
 //! LSTM — see [`crate::text`]; `hidden[0]` is the LSTM size.
 //! The `svi` mode has no encoder (λ starts at 0); the `lm` mode has no latent at all.
 
+use crate::lstm::ParamInit;
 use crate::text::{LstmDecoder, LstmEncoder, TokenBatch};
 use crate::{
     bernoulli_log_lik, gaussian_kl, Activation, ElboTerms, Mlp, Noise, ParamSet, VariationalParams,
@@ -173,25 +174,21 @@ impl Vae {
         let mut params = ParamSet::new();
         let d = config.latent_dim;
         if config.is_text() {
-            let dims = (config.vocab_size, config.embed_dim, config.hidden[0], d);
+            let mut init = ParamInit {
+                params: &mut params,
+                rng: &mut rng,
+                bound: crate::text::INIT_BOUND,
+                dtype,
+                device,
+            };
+            let (v, e, h) = (config.vocab_size, config.embed_dim, config.hidden[0]);
             let encoder = if config.has_encoder() {
-                Some(Encoder::Lstm(LstmEncoder::init(
-                    &mut params,
-                    dims,
-                    &mut rng,
-                    dtype,
-                    device,
-                )?))
+                Some(Encoder::Lstm(LstmEncoder::init(&mut init, (v, e, h, d))?))
             } else {
                 None
             };
-            let dec_dims = (
-                dims.0,
-                dims.1,
-                dims.2,
-                if config.has_latent() { d } else { 0 },
-            );
-            let decoder = LstmDecoder::init(&mut params, dec_dims, &mut rng, dtype, device)?;
+            let dz = if config.has_latent() { d } else { 0 };
+            let decoder = LstmDecoder::init(&mut init, (v, e, h, dz))?;
             return Ok(Self {
                 config: config.clone(),
                 params,
