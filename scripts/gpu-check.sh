@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a machine with an NVIDIA GPU and the driver (no Rust toolchain
 # needed): correctness (gradient check in f64 on CUDA), every training mode and eval on
-# CUDA, and the benchmark. Results go to $OUT (default bench/results/).
+# CUDA, the benchmark, then the text model (train, eval, tokens/s). Results go to $OUT
+# (default bench/results/).
 #
 #   scripts/gpu-check.sh [path/to/savae-or-savae.xz]
 set -uo pipefail
@@ -34,4 +35,11 @@ done
 step bench on cuda
 timeout 300 "$BIN" bench --device cuda --batch 1024,64 --k 20,50,5 --steps 10 --warmup 3 \
   --modes savae-implicit,savae-unrolled,vae-svi,vae | tee "$OUT/bench_cuda.jsonl"
+echo "exit $?" | tee -a "$OUT/log.txt"
+step text on cuda
+timeout 120 "$BIN" train --device cuda --dataset ptb --model savae --epochs 1 --max-train-examples 2000 \
+  --valid-examples 200 --svi-steps 5 --run-dir /tmp/run-ptb --overwrite --quiet >> "$OUT/train_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
+timeout 60 "$BIN" eval --device cuda --checkpoint /tmp/run-ptb/last.safetensors --max-examples 200 --iw-samples 50 --quiet >> "$OUT/eval_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
+timeout 180 "$BIN" bench --device cuda --dataset ptb --k 20 --steps 10 --warmup 2 \
+  --modes lm,vae,savae-implicit,savae-unrolled | tee "$OUT/bench_cuda_ptb.jsonl"
 echo "exit $?" | tee -a "$OUT/log.txt"

@@ -248,6 +248,32 @@ fn ptb_slice_trains_with_implicit_savae_resumes_bit_identically_and_samples() {
         "{e}"
     );
     let ck = a.join("last.safetensors");
+    // A weights-only export evaluates the same and is smaller.
+    let small = d.join("small.safetensors");
+    savae_ok(&[
+        "export",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        small.to_str().unwrap(),
+    ]);
+    let args = [
+        "--split",
+        "test",
+        "--max-examples",
+        "12",
+        "--iw-samples",
+        "4",
+        "--svi-steps",
+        "2",
+    ];
+    let mut e2 = eval_json(&small, &args);
+    e2["checkpoint"] = e["checkpoint"].clone();
+    assert_eq!(e, e2);
+    assert!(std::fs::metadata(&small).unwrap().len() < std::fs::metadata(&ck).unwrap().len() / 2);
+    assert!(tensors(&small)
+        .iter()
+        .all(|(n, _)| !n.starts_with("optim.")));
     let s = savae_ok(&[
         "sample",
         "--checkpoint",

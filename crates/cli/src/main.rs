@@ -45,6 +45,34 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Draw a run: training curves, reconstructions, samples, traversals, amortization gap.
     Report(report::ReportArgs),
+    /// Copy a checkpoint without its optimizer state (weights and metadata: for eval,
+    /// report and sample; not for --resume).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    use anyhow::Context;
+    let ck = savae_cli::checkpoint::load(&a.checkpoint)?;
+    let model = ck.model(
+        &a.checkpoint,
+        ck.meta.config.dtype(),
+        &candle_core::Device::Cpu,
+    )?;
+    savae_cli::checkpoint::save(&a.out, &model, None, &ck.meta)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    eprintln!(
+        "savae: wrote {} (weights and metadata, no optimizer state)",
+        a.out.display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -173,6 +201,7 @@ fn main() {
         Command::Gradcheck(a) => gradcheck::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Sample(a) => sample::run(a),
+        Command::Export(a) => run_export(a),
         Command::Report(a) => report::run(a),
     };
     if let Err(e) = r {
