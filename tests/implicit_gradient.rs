@@ -1,7 +1,9 @@
 //! The SA-VAE parameter gradient by implicit differentiation, by unrolled differentiation
 //! and by central finite differences of the whole pipeline agree (f64).
 
+mod common;
 use candle_core::{DType, Device, Tensor};
+use common::step_cfg;
 use savae_cli::gradcheck::rel_err;
 use savae_cli::step::{train_step, Mode, StepConfig};
 use savae_implicit::{CgConfig, HvpKind};
@@ -29,32 +31,6 @@ fn setup(act: &str) -> (Vae, Batch, Noise) {
     let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
     let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
     (model, Batch::Images(x), eps)
-}
-
-fn step_cfg(mode: Mode, steps: usize, hvp: HvpKind) -> StepConfig {
-    StepConfig {
-        mode,
-        beta: 0.7,
-        svi: SviConfig {
-            steps,
-            optimizer: SviOptimizer::Sgd {
-                lr: 0.5,
-                momentum: 0.5,
-                clip: 1e9,
-            },
-            prox: 2.0,
-            tol: 0.0,
-            batch_size: 1,
-        },
-        cg: CgConfig {
-            max_iters: 50,
-            tol: 1e-13,
-        },
-        damping: 0.0,
-        hvp,
-        cg_retries: 3,
-        stationarity_tol: f64::INFINITY,
-    }
 }
 
 fn flat(ts: &[Tensor]) -> Vec<f64> {

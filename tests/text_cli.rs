@@ -117,57 +117,36 @@ fn a_corpus_folder_trains_evaluates_and_reports_clear_errors() {
     ]);
     assert!(s.contains("language model") && s.contains("2. "), "{s}");
     // Errors name the flag or file.
-    let bad = |args: &[&str]| {
-        let o = savae_env(args, &[]);
-        assert!(!o.status.success());
+    let bad = |dataset: &str, extra: &[&str]| {
+        let run = d.join("refused");
+        let mut args = vec![
+            "train",
+            "--dataset",
+            dataset,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = savae_env(&args, &[]);
+        assert!(!o.status.success(), "{args:?} was accepted");
         String::from_utf8_lossy(&o.stderr).to_string()
     };
-    let e = bad(&[
-        "train",
-        "--dataset",
-        "mnist",
-        "--model",
-        "lm",
-        "--run-dir",
-        d.join("x").to_str().unwrap(),
-    ]);
+    let e = bad("mnist", &["--model", "lm"]);
     assert!(e.contains("--model lm"), "{e}");
-    let e = bad(&[
-        "train",
-        "--dataset",
-        "text:",
-        "--run-dir",
-        d.join("x").to_str().unwrap(),
-    ]);
+    let e = bad("text:", &[]);
     assert!(e.contains("text:DIR"), "{e}");
+    let e = bad(&ds, &["--dropout", "1"]);
+    assert!(e.contains("--dropout"), "{e}");
     std::fs::remove_file(data.join("valid.txt")).unwrap();
-    let e = bad(&[
-        "train",
-        "--dataset",
-        &ds,
-        "--run-dir",
-        d.join("y").to_str().unwrap(),
-    ]);
+    let e = bad(&ds, &[]);
     assert!(e.contains("valid.txt is missing"), "{e}");
     std::fs::write(data.join("valid.txt"), b"fine line\nbad \xff byte\n").unwrap();
-    let e = bad(&[
-        "train",
-        "--dataset",
-        &ds,
-        "--run-dir",
-        d.join("z").to_str().unwrap(),
-    ]);
+    let e = bad(&ds, &[]);
     assert!(e.contains("valid.txt: line 2 is not valid UTF-8"), "{e}");
-    let e = bad(&[
-        "train",
-        "--dataset",
-        &ds,
-        "--dropout",
-        "1",
-        "--run-dir",
-        d.join("w").to_str().unwrap(),
-    ]);
-    assert!(e.contains("--dropout"), "{e}");
+    let long = "w ".repeat(10_001);
+    std::fs::write(data.join("valid.txt"), format!("ok\n{long}\n")).unwrap();
+    let e = bad(&ds, &[]);
+    assert!(e.contains("valid.txt: line 2 has 10001 words"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -314,5 +293,20 @@ fn ptb_slice_trains_with_implicit_savae_resumes_bit_identically_and_samples() {
         &[],
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("exactly two"));
+    savae_ok(&[
+        "report",
+        a.to_str().unwrap(),
+        "--iw-samples",
+        "2",
+        "--max-examples",
+        "10",
+        "--quiet",
+    ]);
+    let txt = std::fs::read_to_string(a.join("report/samples.txt")).unwrap();
+    assert!(
+        txt.contains("# from the prior") && txt.contains("input: "),
+        "{txt}"
+    );
+    assert!(a.join("report/curves_elbo.png").exists() && a.join("report/summary.md").exists());
     let _ = std::fs::remove_dir_all(&d);
 }

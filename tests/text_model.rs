@@ -2,7 +2,9 @@
 //! Hessian-vector products through the LSTM, implicit vs unrolled vs finite differences
 //! of the whole SA-VAE pipeline, and perplexities on a toy model whose value is known.
 
+mod common;
 use candle_core::{DType, Device, Tensor, Var};
+use common::step_cfg;
 use rand::SeedableRng;
 use savae_cli::batch::{token_batch, Dropout, SplitData};
 use savae_cli::eval::{evaluate, EvalOptions};
@@ -168,38 +170,24 @@ fn exact_hvp_through_the_lstm_matches_differences_of_the_gradient() {
     );
 }
 
-fn step_cfg(mode: Mode, steps: usize) -> StepConfig {
-    StepConfig {
-        mode,
-        beta: 0.7,
-        svi: SviConfig {
-            steps,
-            optimizer: SviOptimizer::Sgd {
-                lr: 0.5,
-                momentum: 0.5,
-                clip: 1e9,
-            },
-            prox: 2.0,
-            tol: 0.0,
-            batch_size: 1,
-        },
-        cg: CgConfig {
-            max_iters: 50,
-            tol: 1e-13,
-        },
-        damping: 0.0,
-        hvp: HvpKind::Exact,
-        cg_retries: 3,
-        stationarity_tol: f64::INFINITY,
-    }
-}
-
 #[test]
 fn text_savae_implicit_unrolled_and_finite_differences_agree() {
     let (model, x, eps) = setup(true);
     savae_implicit::ensure_second_order().unwrap();
-    let imp = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeImplicit, 300)).unwrap();
-    let unr = train_step(&model, &x, &eps, &step_cfg(Mode::SavaeUnrolled, 300)).unwrap();
+    let imp = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
+    )
+    .unwrap();
+    let unr = train_step(
+        &model,
+        &x,
+        &eps,
+        &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact),
+    )
+    .unwrap();
     let svi = imp.svi.as_ref().unwrap();
     assert!(
         svi.final_grad_norm_max < 1e-10,
@@ -209,7 +197,7 @@ fn text_savae_implicit_unrolled_and_finite_differences_agree() {
     let e = rel_err(&gi, &gu);
     assert!(e < 1e-6, "implicit vs unrolled: {e}");
     // Central differences of the whole pipeline for a few entries of every tensor.
-    let cfg = step_cfg(Mode::SavaeImplicit, 300);
+    let cfg = step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact);
     let vars = model.params.vars();
     let (mut fd, mut picked) = (Vec::new(), Vec::new());
     let h = 1e-5;
@@ -244,7 +232,7 @@ fn every_mode_takes_a_finite_step_on_text() {
         Mode::SavaeImplicit,
         Mode::SavaeUnrolled,
     ] {
-        let out = train_step(&model, &x, &eps, &step_cfg(mode, 5)).unwrap();
+        let out = train_step(&model, &x, &eps, &step_cfg(mode, 5, HvpKind::Exact)).unwrap();
         assert!(out.loss.is_finite(), "{mode:?}");
         let norm: f64 = flat(&out.grads).iter().map(|v| v * v).sum();
         assert!(
@@ -254,7 +242,7 @@ fn every_mode_takes_a_finite_step_on_text() {
     }
     let lm = Vae::new(&config("lm"), 5, DType::F64, &Device::Cpu).unwrap();
     assert!(lm.encoder.is_none() && lm.params.get("decoder.init.weight").is_none());
-    let out = train_step(&lm, &x, &eps, &step_cfg(Mode::Lm, 0)).unwrap();
+    let out = train_step(&lm, &x, &eps, &step_cfg(Mode::Lm, 0, HvpKind::Exact)).unwrap();
     assert!(out.loss > 0.0 && out.kl == 0.0);
 }
 

@@ -56,3 +56,35 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
+
+/// The step settings of the gradient-agreement tests: SGD refinement (lr 0.5, momentum
+/// 0.5, no clip, γ = 2), a tight CG and no stationarity cut, β = 0.7.
+pub fn step_cfg(
+    mode: savae_cli::step::Mode,
+    steps: usize,
+    hvp: savae_implicit::HvpKind,
+) -> savae_cli::step::StepConfig {
+    savae_cli::step::StepConfig {
+        mode,
+        beta: 0.7,
+        svi: savae_inference::SviConfig {
+            steps,
+            optimizer: savae_inference::SviOptimizer::Sgd {
+                lr: 0.5,
+                momentum: 0.5,
+                clip: 1e9,
+            },
+            prox: 2.0,
+            tol: 0.0,
+            batch_size: 1,
+        },
+        cg: savae_implicit::CgConfig {
+            max_iters: 50,
+            tol: 1e-13,
+        },
+        damping: 0.0,
+        hvp,
+        cg_retries: 3,
+        stationarity_tol: f64::INFINITY,
+    }
+}
