@@ -5,9 +5,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::step_cfg;
 use savae_cli::gradcheck::rel_err;
-use savae_cli::step::{train_step, Mode, StepConfig};
-use savae_implicit::{CgConfig, HvpKind};
-use savae_inference::{SviConfig, SviOptimizer};
+use savae_cli::step::{train_step, Mode};
+use savae_implicit::HvpKind;
 use savae_model::{Batch, ModelConfig, Noise, Vae};
 
 fn setup(act: &str) -> (Vae, Batch, Noise) {

@@ -9,9 +9,9 @@ use rand::SeedableRng;
 use savae_cli::batch::{token_batch, Dropout, SplitData};
 use savae_cli::eval::{evaluate, EvalOptions};
 use savae_cli::gradcheck::rel_err;
-use savae_cli::step::{train_step, Mode, StepConfig};
+use savae_cli::step::{train_step, Mode};
 use savae_data::TextSplit;
-use savae_implicit::{value_and_grad, BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind};
+use savae_implicit::{value_and_grad, BatchedOperator, ExactHvp, FdHvp, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
 use savae_model::{elbo, Batch, ModelConfig, Noise, Vae, VariationalParams};
 
