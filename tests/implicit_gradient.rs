@@ -42,64 +42,20 @@ fn flat(ts: &[Tensor]) -> Vec<f64> {
 fn implicit_unrolled_and_finite_differences_agree_in_f64() {
     let (model, x, eps) = setup("tanh");
     savae_implicit::ensure_second_order().unwrap();
-    let imp = train_step(
-        &model,
-        &x,
-        &eps,
-        &step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact),
-    )
-    .unwrap();
-    let unr = train_step(
-        &model,
-        &x,
-        &eps,
-        &step_cfg(Mode::SavaeUnrolled, 400, HvpKind::Exact),
-    )
-    .unwrap();
-    let svi = imp.svi.as_ref().unwrap();
+    let g = common::pipeline_gradients(&model, &x, &eps, 400, |n| vec![0, n / 2, n - 1]);
     assert!(
-        svi.final_grad_norm_max < 1e-10,
-        "refinement did not converge: {svi:?}"
+        g.final_grad_norm_max < 1e-10,
+        "refinement did not converge: {}",
+        g.final_grad_norm_max
     );
-    let gi = flat(&imp.grads);
-    let gu = flat(&unr.grads);
-    let e_iu = rel_err(&gi, &gu);
+    let e_iu = rel_err(&g.implicit, &g.unrolled);
     assert!(e_iu < 1e-6, "implicit vs unrolled relative error {e_iu}");
-    // Central differences of the whole pipeline (refine to convergence, then the loss).
-    let cfg = step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact);
-    let vars: Vec<_> = model.params.vars();
-    let mut fd = Vec::new();
-    let h = 1e-5;
-    let mut picked = Vec::new();
-    for (vi, var) in vars.iter().enumerate() {
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        for j in [0, base.len() / 2, base.len() - 1] {
-            let eval = |delta: f64| {
-                let mut w = base.clone();
-                w[j] += delta;
-                var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap())
-                    .unwrap();
-                let out = train_step(&model, &x, &eps, &cfg).unwrap();
-                out.loss
-            };
-            let d = (eval(h) - eval(-h)) / (2.0 * h);
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap())
-                .unwrap();
-            fd.push(d);
-            let offset: usize = vars[..vi].iter().map(|v| v.elem_count()).sum();
-            picked.push(offset + j);
-        }
-    }
-    let gi_p: Vec<f64> = picked.iter().map(|&i| gi[i]).collect();
-    let e_fd = rel_err(&gi_p, &fd);
+    let e_fd = rel_err(&g.implicit_picked, &g.differences);
     assert!(
         e_fd < 1e-6,
-        "implicit vs finite differences relative error {e_fd}: {gi_p:?} vs {fd:?}"
+        "implicit vs finite differences relative error {e_fd}: {:?} vs {:?}",
+        g.implicit_picked,
+        g.differences
     );
 }
 

@@ -207,19 +207,17 @@ fn ptb_slice_trains_with_implicit_savae_resumes_bit_identically_and_samples() {
         metrics.contains("\"cg\":{") && metrics.contains("valid_ppl_bound"),
         "{metrics}"
     );
-    let e = eval_json(
-        &a.join("last.safetensors"),
-        &[
-            "--split",
-            "test",
-            "--max-examples",
-            "12",
-            "--iw-samples",
-            "4",
-            "--svi-steps",
-            "2",
-        ],
-    );
+    let eval_args = [
+        "--split",
+        "test",
+        "--max-examples",
+        "12",
+        "--iw-samples",
+        "4",
+        "--svi-steps",
+        "2",
+    ];
+    let e = eval_json(&a.join("last.safetensors"), &eval_args);
     assert_eq!(e["examples"], 12);
     assert!(e["tokens"].as_u64().unwrap() > 12);
     assert!(
@@ -236,17 +234,7 @@ fn ptb_slice_trains_with_implicit_savae_resumes_bit_identically_and_samples() {
         "--out",
         small.to_str().unwrap(),
     ]);
-    let args = [
-        "--split",
-        "test",
-        "--max-examples",
-        "12",
-        "--iw-samples",
-        "4",
-        "--svi-steps",
-        "2",
-    ];
-    let mut e2 = eval_json(&small, &args);
+    let mut e2 = eval_json(&small, &eval_args);
     e2["checkpoint"] = e["checkpoint"].clone();
     assert_eq!(e, e2);
     assert!(std::fs::metadata(&small).unwrap().len() < std::fs::metadata(&ck).unwrap().len() / 2);

@@ -174,52 +174,22 @@ fn exact_hvp_through_the_lstm_matches_differences_of_the_gradient() {
 fn text_savae_implicit_unrolled_and_finite_differences_agree() {
     let (model, x, eps) = setup(true);
     savae_implicit::ensure_second_order().unwrap();
-    let imp = train_step(
-        &model,
-        &x,
-        &eps,
-        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
-    )
-    .unwrap();
-    let unr = train_step(
-        &model,
-        &x,
-        &eps,
-        &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact),
-    )
-    .unwrap();
-    let svi = imp.svi.as_ref().unwrap();
+    // A few entries of every tensor: the first and the last.
+    let g = common::pipeline_gradients(&model, &x, &eps, 300, |n| vec![0, n - 1]);
     assert!(
-        svi.final_grad_norm_max < 1e-10,
-        "refinement did not converge: {svi:?}"
+        g.final_grad_norm_max < 1e-10,
+        "refinement did not converge: {}",
+        g.final_grad_norm_max
     );
-    let (gi, gu) = (flat(&imp.grads), flat(&unr.grads));
-    let e = rel_err(&gi, &gu);
+    let e = rel_err(&g.implicit, &g.unrolled);
     assert!(e < 1e-6, "implicit vs unrolled: {e}");
-    // Central differences of the whole pipeline for a few entries of every tensor.
-    let cfg = step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact);
-    let vars = model.params.vars();
-    let (mut fd, mut picked) = (Vec::new(), Vec::new());
-    let h = 1e-5;
-    for (vi, var) in vars.iter().enumerate() {
-        let base = flat(&[var.as_tensor().clone()]);
-        for j in [0, base.len() - 1] {
-            let at = |d: f64| {
-                let mut w = base.clone();
-                w[j] += d;
-                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
-                train_step(&model, &x, &eps, &cfg).unwrap().loss
-            };
-            fd.push((at(h) - at(-h)) / (2.0 * h));
-            var.set(&Tensor::from_vec(base.clone(), var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-            picked.push(vars[..vi].iter().map(|v| v.elem_count()).sum::<usize>() + j);
-        }
-    }
-    let gi_p: Vec<f64> = picked.iter().map(|&i| gi[i]).collect();
-    let e = rel_err(&gi_p, &fd);
-    assert!(e < 1e-6, "implicit vs differences: {e}: {gi_p:?} vs {fd:?}");
+    let e = rel_err(&g.implicit_picked, &g.differences);
+    assert!(
+        e < 1e-6,
+        "implicit vs differences: {e}: {:?} vs {:?}",
+        g.implicit_picked,
+        g.differences
+    );
 }
 
 #[test]

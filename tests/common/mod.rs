@@ -88,3 +88,71 @@ pub fn step_cfg(
         stationarity_tol: f64::INFINITY,
     }
 }
+
+/// The SA-VAE parameter gradient three ways on one batch (f64): implicit and unrolled
+/// through `steps` SGD steps, and central differences (step 1e-5) of the whole pipeline
+/// — refine, then the loss — at the entries `entries(len)` of every parameter tensor.
+pub struct PipelineGradients {
+    /// max_b ‖∇F_b(λ_K)‖ of the implicit step's refinement.
+    pub final_grad_norm_max: f64,
+    pub implicit: Vec<f64>,
+    pub unrolled: Vec<f64>,
+    /// The implicit gradient at the differenced entries, and the differences.
+    pub implicit_picked: Vec<f64>,
+    pub differences: Vec<f64>,
+}
+
+pub fn pipeline_gradients(
+    model: &savae_model::Vae,
+    x: &savae_model::Batch,
+    eps: &savae_model::Noise,
+    steps: usize,
+    entries: impl Fn(usize) -> Vec<usize>,
+) -> PipelineGradients {
+    use candle_core::Tensor;
+    use savae_cli::step::{train_step, Mode};
+    use savae_implicit::HvpKind;
+    let flat = |ts: &[Tensor]| -> Vec<f64> {
+        ts.iter()
+            .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .collect()
+    };
+    let cfg = step_cfg(Mode::SavaeImplicit, steps, HvpKind::Exact);
+    let imp = train_step(model, x, eps, &cfg).unwrap();
+    let unr = train_step(
+        model,
+        x,
+        eps,
+        &step_cfg(Mode::SavaeUnrolled, steps, HvpKind::Exact),
+    )
+    .unwrap();
+    let implicit = flat(&imp.grads);
+    let vars = model.params.vars();
+    let (mut differences, mut implicit_picked) = (Vec::new(), Vec::new());
+    let h = 1e-5;
+    let mut offset = 0;
+    for var in &vars {
+        let base = flat(std::slice::from_ref(var.as_tensor()));
+        for j in entries(base.len()) {
+            let at = |d: f64| {
+                let mut w = base.clone();
+                w[j] += d;
+                var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap())
+                    .unwrap();
+                train_step(model, x, eps, &cfg).unwrap().loss
+            };
+            differences.push((at(h) - at(-h)) / (2.0 * h));
+            var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap())
+                .unwrap();
+            implicit_picked.push(implicit[offset + j]);
+        }
+        offset += base.len();
+    }
+    PipelineGradients {
+        final_grad_norm_max: imp.svi.as_ref().unwrap().final_grad_norm_max,
+        unrolled: flat(&unr.grads),
+        implicit,
+        implicit_picked,
+        differences,
+    }
+}

@@ -126,6 +126,7 @@ fn posterior_means(
     let dtype = model.dtype();
     let mut mu0 = Vec::new();
     let mut mur = Vec::new();
+    let dec = model.decoder.detached();
     for (i, s) in sentences.iter().enumerate() {
         let ids = vocab.encode(s);
         if ids.is_empty() {
@@ -135,15 +136,7 @@ fn posterior_means(
         let x = Batch::Text(token_batch(&[&ids], &mut rng, dtype, device, None)?);
         let lambda0 = model.encode(&x)?.0.detach();
         let eps = noise(&mut rng, 8, 1, model.latent_dim(), dtype, device)?;
-        let r = crate::step::refine_elbo(
-            &model.decoder.detached(),
-            &x,
-            &eps,
-            1.0,
-            &lambda0,
-            svi,
-            false,
-        )?;
+        let r = crate::step::refine_elbo(&dec, &x, &eps, 1.0, &lambda0, svi, false)?;
         let d = model.latent_dim();
         mu0.push(lambda0.narrow(1, 0, d)?);
         mur.push(r.lambda.narrow(1, 0, d)?);

@@ -212,10 +212,6 @@ fn train_subset(data: &SplitData, cfg: &TrainConfig) -> SplitData {
     }
 }
 
-fn last_path_of(opts: &TrainOptions) -> PathBuf {
-    opts.run_dir.join("last.safetensors")
-}
-
 /// Trains as configured; returns the summary. Writes into `opts.run_dir`.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let (cfg, resume_from) = resolve_config(opts)?;
@@ -240,8 +236,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     if matches!(mode, Mode::SavaeImplicit | Mode::SavaeUnrolled) {
         savae_implicit::ensure_second_order()?;
     }
+    let last_path = opts.run_dir.join("last.safetensors");
     let stored_vocab = match &resume_from {
-        Some(ck) => ck.vocab(&last_path_of(opts))?,
+        Some(ck) => ck.vocab(&last_path)?,
         None => None,
     };
     let data = Corpus::load(
@@ -269,7 +266,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     });
     let vars = model.params.vars();
     let mut adam = Adam::new(&vars, cfg.lr)?;
-    let last_path = opts.run_dir.join("last.safetensors");
     let best_path = opts.run_dir.join("best.safetensors");
     let (mut epoch, mut step, mut best, mut last_valid) = (0usize, 0u64, None::<f64>, None::<f64>);
     let (mut start_batch, mut carried_loss, mut carried_n) = (0usize, 0.0f64, 0usize);

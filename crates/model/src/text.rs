@@ -122,8 +122,8 @@ impl LstmDecoder {
         self.embed.dim(0).unwrap_or(0)
     }
 
-    /// Output logits for every position: `z: [S, B, d]` (None for the language model,
-    /// S = 1) → `[S·B, T, V]` (sample-major), computed with `f`'s hidden states.
+    /// The decoder's hidden states at every position (dropout applied): `z: [S, B, d]`
+    /// (None for the language model, S = 1) → (`[S·B, T, H]` sample-major, S).
     fn hidden_states(&self, x: &TokenBatch, z: Option<&Tensor>) -> Result<(Tensor, usize)> {
         let (b, t) = x.inputs.dims2()?;
         let e = self.embed.dim(1)?;
