@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains and evaluates every model of the README's results table on the shipped data.
 #
-#   scripts/reproduce.sh [mnist|ptb|all] [RUNS_DIR]      (default: all, runs/)
+#   scripts/reproduce.sh [mnist|mnist-finetune|ptb|all] [RUNS_DIR]   (default: all, runs/)
 #
 # Each model: `savae train` into RUNS_DIR/<name>/ (best checkpoint chosen on the validation
 # split), then `savae eval` of best.safetensors on the test split into
@@ -54,6 +54,22 @@ if [ "$what" = mnist ] || [ "$what" = all ]; then
     # Newton refinement with 4 fixed draws: the configuration that trains (README, Status).
     run mnist-savae-implicit 5000 "${common[@]}" --model savae --grad implicit \
         --svi-optimizer newton --svi-steps 3 --samples 4
+fi
+if [ "$what" = mnist-finetune ] || [ "$what" = all ]; then
+    # Each refining model fine-tuned for EPOCHS_FINETUNE epochs from the same trained VAE
+    # (mnist-vae's best checkpoint; Adam restarted at lr 1e-4, β = 1), the VAE itself
+    # included as the control: the same data, steps and start for every model. Every
+    # refinement holds 8 draws fixed; the outer loss uses fresh draws (--outer-noise fresh).
+    EPOCHS=${EPOCHS_FINETUNE:-1}
+    start=$runs/mnist-vae/best.safetensors
+    [ -f "$start" ] || { echo "reproduce.sh: $start is missing: run 'scripts/reproduce.sh mnist' first" >&2; exit 1; }
+    iw=${IW_FINETUNE:-5000}
+    ft=(--dataset mnist --valid-examples 10000 --init-from "$start" --lr 1e-4 --kl-start 1 --samples 8)
+    run mnist-ft-vae "$iw" "${ft[@]}" --model vae
+    run mnist-ft-vae-svi "$iw" "${ft[@]}" --model vae-svi --svi-steps 10
+    run mnist-ft-savae-unrolled "$iw" "${ft[@]}" --model savae --grad unrolled --svi-steps 10
+    run mnist-ft-savae-implicit "$iw" "${ft[@]}" --model savae --grad implicit \
+        --svi-optimizer newton --svi-steps 3
 fi
 if [ "$what" = ptb ] || [ "$what" = all ]; then
     EPOCHS=$ep

@@ -296,3 +296,98 @@ fn the_shipped_mnist_checkpoint_evaluates() {
     assert!((80.0..105.0).contains(&nll), "{e}");
     assert!(e["elbo_refined"].as_f64().unwrap() > e["elbo_amortized"].as_f64().unwrap());
 }
+
+/// The first step's amortized ELBO of a run (computed before its first update).
+fn first_step_elbo(dir: &Path) -> f64 {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "step")
+        .expect("a step line")["elbo_amortized"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn init_from_starts_from_the_checkpoint_and_refuses_what_does_not_fit() {
+    let base = tmpdir("init-base");
+    train(&base, &["--model", "vae", "--epochs", "4", "--lr", "3e-3"]);
+    let start = base.join("best.safetensors");
+    let start_s = start.to_str().unwrap();
+    let tuned = tmpdir("init-tuned");
+    let fresh = tmpdir("init-fresh");
+    let sa = ["--model", "savae", "--epochs", "1", "--log-every", "1"];
+    train(&tuned, &[&sa[..], &["--init-from", start_s]].concat());
+    train(&fresh, &sa);
+    let (t, f) = (first_step_elbo(&tuned), first_step_elbo(&fresh));
+    assert!(
+        t > f + 20.0,
+        "the fine-tuned run did not start from the trained weights: first ELBO {t} vs fresh {f}"
+    );
+    // The run records where it started, and resumes without the flag.
+    let out = ok(&[
+        "eval",
+        "--checkpoint",
+        tuned.join("last.safetensors").to_str().unwrap(),
+        "--split",
+        "valid",
+        "--max-examples",
+        "50",
+        "--iw-samples",
+        "0",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.contains("elbo_refined"), "{out}");
+    let bytes = std::fs::read(tuned.join("last.safetensors")).unwrap();
+    let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let savae_meta = &st_meta.metadata().as_ref().unwrap()["savae"];
+    assert!(savae_meta.contains("\"init_from\""), "{savae_meta}");
+    ok(&[
+        "train",
+        "--run-dir",
+        tuned.to_str().unwrap(),
+        "--resume",
+        "--epochs",
+        "2",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]);
+    // What does not fit is refused, naming the flag and what differs.
+    let cases: [(&[&str], &[&str]); 3] = [
+        (
+            &["--init-from", "/nonexistent/best.safetensors"],
+            &["--init-from", "/nonexistent/best.safetensors"],
+        ),
+        (
+            &["--init-from", start_s, "--activation", "tanh"],
+            &["--init-from", "activation softplus there, tanh here"],
+        ),
+        (
+            &["--init-from", start_s, "--dataset", "mnist-dynamic"],
+            &["--init-from", "--dataset mnist,"],
+        ),
+    ];
+    for (extra, wanted) in cases {
+        let dir = tmpdir("init-bad");
+        let mut args = vec!["train", "--run-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(TINY);
+        args.extend_from_slice(&sa);
+        args.extend_from_slice(extra);
+        let out = savae(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        for w in wanted {
+            assert!(
+                err.contains(w),
+                "{extra:?}: the error does not say {w:?}:\n{err}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    for d in [base, tuned, fresh] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

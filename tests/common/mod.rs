@@ -93,6 +93,8 @@ pub fn step_cfg(
 /// through `steps` SGD steps, and central differences (step 1e-5) of the whole pipeline
 /// — refine, then the loss — at the entries `entries(len)` of every parameter tensor.
 pub struct PipelineGradients {
+    /// The loss of the implicit step.
+    pub loss: f64,
     /// max_b ‖∇F_b(λ_K)‖ of the implicit step's refinement.
     pub final_grad_norm_max: f64,
     pub implicit: Vec<f64>,
@@ -102,15 +104,17 @@ pub struct PipelineGradients {
     pub differences: Vec<f64>,
 }
 
+/// With `outer`, the loss takes its own draws (`train_step_outer`).
 pub fn pipeline_gradients(
     model: &savae_model::Vae,
     x: &savae_model::Batch,
     eps: &savae_model::Noise,
+    outer: Option<&savae_model::Noise>,
     steps: usize,
     entries: impl Fn(usize) -> Vec<usize>,
 ) -> PipelineGradients {
     use candle_core::Tensor;
-    use savae_cli::step::{train_step, Mode};
+    use savae_cli::step::{train_step_outer, Mode};
     use savae_implicit::HvpKind;
     let flat = |ts: &[Tensor]| -> Vec<f64> {
         ts.iter()
@@ -118,11 +122,12 @@ pub fn pipeline_gradients(
             .collect()
     };
     let cfg = step_cfg(Mode::SavaeImplicit, steps, HvpKind::Exact);
-    let imp = train_step(model, x, eps, &cfg).unwrap();
-    let unr = train_step(
+    let imp = train_step_outer(model, x, eps, outer, &cfg).unwrap();
+    let unr = train_step_outer(
         model,
         x,
         eps,
+        outer,
         &step_cfg(Mode::SavaeUnrolled, steps, HvpKind::Exact),
     )
     .unwrap();
@@ -139,7 +144,7 @@ pub fn pipeline_gradients(
                 w[j] += d;
                 var.set(&Tensor::from_vec(w, var.shape(), var.device()).unwrap())
                     .unwrap();
-                train_step(model, x, eps, &cfg).unwrap().loss
+                train_step_outer(model, x, eps, outer, &cfg).unwrap().loss
             };
             differences.push((at(h) - at(-h)) / (2.0 * h));
             var.set(&Tensor::from_vec(base.clone(), var.shape(), var.device()).unwrap())
@@ -149,6 +154,7 @@ pub fn pipeline_gradients(
         offset += base.len();
     }
     PipelineGradients {
+        loss: imp.loss,
         final_grad_norm_max: imp.svi.as_ref().unwrap().final_grad_norm_max,
         unrolled: flat(&unr.grads),
         implicit,

@@ -67,6 +67,17 @@ pub struct TrainConfig {
     /// Train sentences with more words are dropped (text).
     #[serde(default)]
     pub max_len: usize,
+    /// Noise of the outer loss of the refining modes: `fresh` (draws independent of the
+    /// refinement's) or `same` (the refinement's own draws; runs before this option).
+    #[serde(default = "same_noise")]
+    pub outer_noise: String,
+    /// Checkpoint whose model weights start the run (fine-tuning; a fresh optimizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
+}
+
+fn same_noise() -> String {
+    "same".into()
 }
 
 fn default_stationarity_tol() -> f64 {
@@ -109,6 +120,8 @@ impl Default for TrainConfig {
             dropout: 0.0,
             max_vocab: None,
             max_len: 0,
+            outer_noise: "fresh".into(),
+            init_from: None,
         }
     }
 }
@@ -237,6 +250,15 @@ pub struct TrainOverrides {
     /// Drop train sentences with more words than this (text).
     #[arg(long, allow_negative_numbers = true)]
     pub max_len: Option<usize>,
+    /// Noise of the outer loss of vae-svi/savae: fresh (independent of the refinement's
+    /// draws) | same (the draws the posteriors were refined on; biased upward).
+    #[arg(long)]
+    pub outer_noise: Option<String>,
+    /// Start from the model weights of this checkpoint (same data set and architecture;
+    /// Adam starts fresh and the epochs count from 0), e.g. to refine a trained VAE into an
+    /// SA-VAE.
+    #[arg(long)]
+    pub init_from: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -261,8 +283,11 @@ impl TrainOverrides {
             dataset, model, grad, epochs, batch_size, lr, latent_dim, hidden, activation,
             svi_steps, svi_lr, svi_optimizer, svi_tol, prox, cg_iters, cg_tol, cg_damping, cg_retries, stationarity_tol, hvp,
             samples, kl_start, kl_warmup_epochs, max_grad_norm, seed, dtype, log_every,
-            embed_dim, dropout, max_len;
+            embed_dim, dropout, max_len, outer_noise;
             max_train_examples, valid_examples, max_vocab);
+        if let Some(p) = &self.init_from {
+            cfg.init_from = Some(p.clone());
+        }
     }
 
     /// The names of the settings these overrides set (for resume conflict checks).
@@ -284,6 +309,12 @@ impl TrainConfig {
             bail!(
                 "--model {:?} is unknown: expected vae, svi, vae-svi, savae or lm",
                 self.model
+            );
+        }
+        if !["fresh", "same"].contains(&self.outer_noise.as_str()) {
+            bail!(
+                "--outer-noise {:?} is unknown: expected fresh or same",
+                self.outer_noise
             );
         }
         if self.model == "lm" && !text {

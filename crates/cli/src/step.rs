@@ -215,8 +215,26 @@ fn svi_stats(r: &Refinement) -> SviStats {
 }
 
 /// Computes the loss and gradients of one step on a batch of B examples with noise
-/// `eps: [S, B, d]`.
+/// `eps: [S, B, d]`, the outer loss taken with the refinement's own draws.
 pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Result<StepOutput> {
+    train_step_outer(model, x, eps, None, cfg)
+}
+
+/// [`train_step`] with the outer loss L(λ*, θ) = −ELBO(λ*; θ) of the refining modes
+/// estimated with `outer_eps: [S', B, d]`, draws independent of the refinement's `eps`
+/// (None: `eps` itself). λ* fits the draws it was refined on, so the ELBO at λ* on those
+/// same draws is biased upward and its θ-gradient rewards decoders whose posteriors fit
+/// a few draws; with independent draws the loss is an unbiased estimate of −ELBO(λ*).
+/// The implicit gradient is unchanged in form: g = ∇_λ L uses `outer_eps`, the Hessian and
+/// the mixed term ∇_θ(uᵀ∇_λ ELBO_S) use `eps` (the inner objective).
+pub fn train_step_outer(
+    model: &Vae,
+    x: &Batch,
+    eps: &Noise,
+    outer_eps: Option<&Noise>,
+    cfg: &StepConfig,
+) -> Result<StepOutput> {
+    let outer = outer_eps.unwrap_or(eps);
     let b = x.len() as f64;
     let beta = cfg.beta;
     let lambda0 = model.encode(x)?;
@@ -248,7 +266,7 @@ pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Resu
         Mode::Svi | Mode::VaeSvi => {
             let r = refine_elbo(&dec_det, x, eps, beta, &lambda0.0, &cfg.svi, false)?;
             let refined = VariationalParams(r.lambda.clone());
-            let t = elbo(&model.decoder, x, &refined, eps, beta)?;
+            let t = elbo(&model.decoder, x, &refined, outer, beta)?;
             let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
             let e0 = r
                 .trace
@@ -275,15 +293,17 @@ pub fn train_step(model: &Vae, x: &Batch, eps: &Noise, cfg: &StepConfig) -> Resu
             })
         }
         Mode::SavaeImplicit | Mode::SavaeUnrolled => {
-            savae_step(model, x, eps, cfg, &lambda0, &dec_det, b)
+            savae_step(model, x, eps, outer_eps, cfg, &lambda0, &dec_det, b)
         }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn savae_step(
     model: &Vae,
     x: &Batch,
     eps: &Noise,
+    outer_eps: Option<&Noise>,
     cfg: &StepConfig,
     lambda0: &VariationalParams,
     dec_det: &Decoder,
@@ -298,8 +318,9 @@ fn savae_step(
         .first()
         .map(|s| s.mean_objective)
         .unwrap_or(f64::NAN);
-    // ELBO at λ* with the model's decoder: ∂_θ L and ∇_λ L (graph kept for the mixed term).
-    let at_opt = elbo_vg(&model.decoder, x, eps, beta, &r.lambda)?;
+    // ELBO at λ* with the model's decoder and the outer draws: ∂_θ L and ∇_λ L (with the
+    // refinement's own draws, the graph is kept for the mixed term).
+    let at_opt = elbo_vg(&model.decoder, x, outer_eps.unwrap_or(eps), beta, &r.lambda)?;
     let refined_elbo = mean(&at_opt.values)?;
     let kl = mean(&savae_model::gaussian_kl(&VariationalParams(
         r.lambda.clone(),
@@ -363,7 +384,13 @@ fn savae_step(
             &untrusted,
         )?;
         let mixed = match cfg.hvp {
-            HvpKind::Exact => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
+            HvpKind::Exact => match outer_eps {
+                None => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
+                Some(_) => {
+                    let inner = elbo_vg(&model.decoder, x, eps, beta, &r.lambda)?;
+                    mixed_product_exact(&inner, &sol.u_solved, &dec_refs)?
+                }
+            },
             HvpKind::FiniteDifference => {
                 let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
                     let vg = elbo_vg(&model.decoder, x, eps, beta, l)?;

@@ -12,14 +12,14 @@ use crate::batch::{Corpus, Dropout, SplitData};
 use crate::checkpoint::{self, CheckpointMeta, RngState, FORMAT_VERSION};
 use crate::config::{TrainConfig, TrainOverrides};
 use crate::eval::{evaluate, EvalOptions};
-use crate::step::{train_step, Mode, StepConfig};
+use crate::step::{train_step_outer, Mode, StepConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use savae_data::{batch_rng, epoch_order};
 use savae_implicit::{CgConfig, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{Batch, Vae};
+use savae_model::{Batch, ModelConfig, Vae};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -202,6 +202,62 @@ fn resolve_config(opts: &TrainOptions) -> Result<(TrainConfig, Option<checkpoint
     Ok((requested, None))
 }
 
+/// Loads the `--init-from` checkpoint and checks that it was trained on the same data.
+fn load_init(path: &Path, cfg: &TrainConfig) -> Result<(PathBuf, checkpoint::Checkpoint)> {
+    let ck = checkpoint::load(path)
+        .with_context(|| format!("--init-from {}: not a loadable checkpoint", path.display()))?;
+    if ck.meta.dataset != cfg.dataset {
+        bail!(
+            "--init-from {}: it was trained on --dataset {}, this run is on --dataset {}",
+            path.display(),
+            ck.meta.dataset,
+            cfg.dataset
+        );
+    }
+    Ok((path.to_path_buf(), ck))
+}
+
+/// The architecture settings in which two models differ ("latent 3 there, 4 here").
+fn architecture_diff(there: &ModelConfig, here: &ModelConfig) -> Vec<String> {
+    let mut d = Vec::new();
+    let mut cmp = |name: &str, a: String, b: String| {
+        if a != b {
+            d.push(format!("{name} {a} there, {b} here"));
+        }
+    };
+    cmp(
+        "latent",
+        there.latent_dim.to_string(),
+        here.latent_dim.to_string(),
+    );
+    cmp(
+        "hidden",
+        format!("{:?}", there.hidden),
+        format!("{:?}", here.hidden),
+    );
+    cmp(
+        "activation",
+        there.activation.clone(),
+        here.activation.clone(),
+    );
+    cmp(
+        "input",
+        there.input_dim.to_string(),
+        here.input_dim.to_string(),
+    );
+    cmp(
+        "vocabulary",
+        there.vocab_size.to_string(),
+        here.vocab_size.to_string(),
+    );
+    cmp(
+        "embedding",
+        there.embed_dim.to_string(),
+        here.embed_dim.to_string(),
+    );
+    d
+}
+
 fn train_subset(data: &SplitData, cfg: &TrainConfig) -> SplitData {
     match cfg.max_train_examples {
         Some(n) if n < data.len() => {
@@ -237,9 +293,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         savae_implicit::ensure_second_order()?;
     }
     let last_path = opts.run_dir.join("last.safetensors");
-    let stored_vocab = match &resume_from {
-        Some(ck) => ck.vocab(&last_path)?,
-        None => None,
+    // A new run may start from another run's weights (--init-from); a resumed one has its own.
+    let init_from = match (&resume_from, &cfg.init_from) {
+        (None, Some(p)) => Some(load_init(Path::new(p), &cfg)?),
+        _ => None,
+    };
+    let stored_vocab = match (&resume_from, &init_from) {
+        (Some(ck), _) => ck.vocab(&last_path)?,
+        (None, Some((p, ck))) => ck.vocab(p)?,
+        (None, None) => None,
     };
     let data = Corpus::load(
         &cfg.dataset,
@@ -258,6 +320,25 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let dtype = cfg.dtype();
     let vocab_size = data.vocab_size();
     let model = Vae::new(&cfg.model_config(vocab_size), cfg.seed, dtype, device)?;
+    if let Some((p, ck)) = &init_from {
+        let diff = architecture_diff(&ck.meta.model, &cfg.model_config(vocab_size));
+        if !diff.is_empty() {
+            bail!(
+                "--init-from {}: its architecture differs from the configured one: {}; pass the \
+                 same architecture flags",
+                p.display(),
+                diff.join(", ")
+            );
+        }
+        ck.load_into(&model, p)
+            .with_context(|| format!("--init-from {}", p.display()))?;
+        eprintln!(
+            "savae: starting from the weights of {} ({} after {} epochs)",
+            p.display(),
+            ck.meta.model.kind,
+            ck.meta.epoch
+        );
+    }
     let vocab_words = data.vocab.as_ref().map(|v| v.words().to_vec());
     let dropout = (vocab_size > 0 && cfg.dropout > 0.0).then(|| Dropout {
         p: cfg.dropout,
@@ -292,6 +373,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let nb = train_split.epoch_batches(cfg.batch_size, cfg.seed, 0).len();
     let d = cfg.latent_dim;
     let mut bad_run = 0usize;
+    let fresh_outer = cfg.outer_noise == "fresh"
+        && matches!(
+            mode,
+            Mode::Svi | Mode::VaeSvi | Mode::SavaeImplicit | Mode::SavaeUnrolled
+        );
     // Testing hook: SAVAE_INJECT_NAN_FROM_STEP=N makes every loss from step N on NaN.
     let inject_nan_from: Option<u64> = std::env::var("SAVAE_INJECT_NAN_FROM_STEP")
         .ok()
@@ -395,8 +481,20 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             // Dropout masks (text) are drawn with the batch and held fixed for the step.
             let x = train_split.batch(idx, &mut rng, dtype, device, dropout)?;
             let eps = batch::noise(&mut rng, cfg.samples, idx.len(), d, dtype, device)?;
+            let outer = if fresh_outer {
+                Some(batch::noise(
+                    &mut rng,
+                    cfg.samples,
+                    idx.len(),
+                    d,
+                    dtype,
+                    device,
+                )?)
+            } else {
+                None
+            };
             let ts = Instant::now();
-            let mut out = train_step(&model, &x, &eps, &scfg)?;
+            let mut out = train_step_outer(&model, &x, &eps, outer.as_ref(), &scfg)?;
             if inject_nan_from.is_some_and(|n| step >= n) {
                 out.loss = f64::NAN; // fault injection for the reliability tests
             }
