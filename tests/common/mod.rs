@@ -105,6 +105,28 @@ pub struct PipelineGradients {
 }
 
 /// With `outer`, the loss takes its own draws (`train_step_outer`).
+impl PipelineGradients {
+    /// Asserts that the refinement converged (max ‖∇F‖ < 1e-10) and that the implicit
+    /// gradient agrees with the unrolled one and with the differences to `tol` (relative).
+    pub fn assert_agree(&self, tol: f64) {
+        use savae_cli::gradcheck::rel_err;
+        assert!(
+            self.final_grad_norm_max < 1e-10,
+            "refinement did not converge: {}",
+            self.final_grad_norm_max
+        );
+        let e = rel_err(&self.implicit, &self.unrolled);
+        assert!(e < tol, "implicit vs unrolled relative error {e}");
+        let e = rel_err(&self.implicit_picked, &self.differences);
+        assert!(
+            e < tol,
+            "implicit vs finite differences relative error {e}: {:?} vs {:?}",
+            self.implicit_picked,
+            self.differences
+        );
+    }
+}
+
 pub fn pipeline_gradients(
     model: &savae_model::Vae,
     x: &savae_model::Batch,

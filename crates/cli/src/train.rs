@@ -219,43 +219,43 @@ fn load_init(path: &Path, cfg: &TrainConfig) -> Result<(PathBuf, checkpoint::Che
 
 /// The architecture settings in which two models differ ("latent 3 there, 4 here").
 fn architecture_diff(there: &ModelConfig, here: &ModelConfig) -> Vec<String> {
-    let mut d = Vec::new();
-    let mut cmp = |name: &str, a: String, b: String| {
-        if a != b {
-            d.push(format!("{name} {a} there, {b} here"));
-        }
-    };
-    cmp(
-        "latent",
-        there.latent_dim.to_string(),
-        here.latent_dim.to_string(),
-    );
-    cmp(
-        "hidden",
-        format!("{:?}", there.hidden),
-        format!("{:?}", here.hidden),
-    );
-    cmp(
-        "activation",
-        there.activation.clone(),
-        here.activation.clone(),
-    );
-    cmp(
-        "input",
-        there.input_dim.to_string(),
-        here.input_dim.to_string(),
-    );
-    cmp(
-        "vocabulary",
-        there.vocab_size.to_string(),
-        here.vocab_size.to_string(),
-    );
-    cmp(
-        "embedding",
-        there.embed_dim.to_string(),
-        here.embed_dim.to_string(),
-    );
-    d
+    let fields = [
+        (
+            "latent",
+            there.latent_dim.to_string(),
+            here.latent_dim.to_string(),
+        ),
+        (
+            "hidden",
+            format!("{:?}", there.hidden),
+            format!("{:?}", here.hidden),
+        ),
+        (
+            "activation",
+            there.activation.clone(),
+            here.activation.clone(),
+        ),
+        (
+            "input",
+            there.input_dim.to_string(),
+            here.input_dim.to_string(),
+        ),
+        (
+            "vocabulary",
+            there.vocab_size.to_string(),
+            here.vocab_size.to_string(),
+        ),
+        (
+            "embedding",
+            there.embed_dim.to_string(),
+            here.embed_dim.to_string(),
+        ),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(name, a, b)| format!("{name} {a} there, {b} here"))
+        .collect()
 }
 
 fn train_subset(data: &SplitData, cfg: &TrainConfig) -> SplitData {
