@@ -36,6 +36,22 @@ fn train(dir: &Path, extra: &[&str]) -> String {
     ok(&args)
 }
 
+/// `savae train --resume` of `dir` until `epochs` are done.
+fn resume(dir: &Path, epochs: usize) -> String {
+    let epochs = epochs.to_string();
+    ok(&[
+        "train",
+        "--run-dir",
+        dir.to_str().unwrap(),
+        "--resume",
+        "--epochs",
+        &epochs,
+        "--quiet",
+        "--device",
+        "cpu",
+    ])
+}
+
 #[test]
 fn resume_is_bit_identical_to_an_uninterrupted_run() {
     for model in [
@@ -46,19 +62,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         let split = tmpdir("split");
         train(&straight, &[model, &["--epochs", "2"]].concat());
         train(&split, &[model, &["--epochs", "1"]].concat());
-        let mut args = vec![
-            "train",
-            "--run-dir",
-            split.to_str().unwrap(),
-            "--resume",
-            "--epochs",
-            "2",
-            "--quiet",
-            "--device",
-            "cpu",
-        ];
-        args.extend_from_slice(&[]);
-        ok(&args);
+        resume(&split, 2);
         let a = tensors(&straight.join("last.safetensors"));
         let b = tensors(&split.join("last.safetensors"));
         assert_eq!(a.len(), b.len());
@@ -344,17 +348,7 @@ fn init_from_starts_from_the_checkpoint_and_refuses_what_does_not_fit() {
     let (_, st_meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let savae_meta = &st_meta.metadata().as_ref().unwrap()["savae"];
     assert!(savae_meta.contains("\"init_from\""), "{savae_meta}");
-    ok(&[
-        "train",
-        "--run-dir",
-        tuned.to_str().unwrap(),
-        "--resume",
-        "--epochs",
-        "2",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]);
+    resume(&tuned, 2);
     // What does not fit is refused, naming the flag and what differs.
     let cases: [(&[&str], &[&str]); 3] = [
         (
