@@ -72,9 +72,10 @@ if [ "$what" = mnist-finetune ] || [ "$what" = all ]; then
     run mnist-ft-vae "$iw" "${ft[@]}" --model vae
     run mnist-ft-vae-svi "$iw" "${ft[@]}" --model vae-svi --svi-steps 10
     run mnist-ft-savae-unrolled "$iw" "${ft[@]}" --model savae --grad unrolled --svi-steps 10
-    # γ = 5: with γ = 1 the implicit run lost stationarity within 50 steps (README, Status).
+    # 6 Newton steps: with 3 (at γ = 1 or 5) the implicit run lost stationarity within
+    # 50–100 steps and diverged; with 6 it stayed stationary (README, Status).
     run mnist-ft-savae-implicit "$iw" "${ft[@]}" --model savae --grad implicit \
-        --svi-optimizer newton --svi-steps 3 --prox 5
+        --svi-optimizer newton --svi-steps 6
 fi
 if [ "$what" = ptb ] || [ "$what" = all ]; then
     EPOCHS=$ep
