@@ -280,25 +280,30 @@ fn gradcheck_passes_on_a_small_fresh_model() {
 /// The shipped MNIST checkpoint stays loadable and still scores what the README says
 /// (test NLL 92.9 with 5 000 samples; here 200 images and 50 samples, so a loose band).
 #[test]
-fn the_shipped_mnist_checkpoint_evaluates() {
-    let ck = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../checkpoints/mnist-vae.safetensors"
-    );
-    let out = ok(&[
-        "eval",
-        "--checkpoint",
-        ck,
-        "--max-examples",
-        "200",
-        "--iw-samples",
-        "50",
-        "--quiet",
-    ]);
-    let e: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let nll = e["nll_iw"].as_f64().unwrap();
-    assert!((80.0..105.0).contains(&nll), "{e}");
-    assert!(e["elbo_refined"].as_f64().unwrap() > e["elbo_amortized"].as_f64().unwrap());
+fn the_shipped_mnist_checkpoints_evaluate() {
+    for name in ["mnist-vae", "mnist-savae-unrolled-ft"] {
+        let ck = format!(
+            "{}/../../checkpoints/{name}.safetensors",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let out = ok(&[
+            "eval",
+            "--checkpoint",
+            &ck,
+            "--max-examples",
+            "200",
+            "--iw-samples",
+            "50",
+            "--quiet",
+        ]);
+        let e: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let nll = e["nll_iw"].as_f64().unwrap();
+        assert!((80.0..105.0).contains(&nll), "{name}: {e}");
+        assert!(
+            e["elbo_refined"].as_f64().unwrap() > e["elbo_amortized"].as_f64().unwrap(),
+            "{name}: {e}"
+        );
+    }
 }
 
 /// The first step's amortized ELBO of a run (computed before its first update).
