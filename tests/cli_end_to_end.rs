@@ -277,8 +277,8 @@ fn gradcheck_passes_on_a_small_fresh_model() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// The shipped MNIST checkpoint stays loadable and still scores what the README says
-/// (test NLL 92.9 with 5 000 samples; here 200 images and 50 samples, so a loose band).
+/// The shipped MNIST checkpoints stay loadable and still score what checkpoints/README.md
+/// says (test NLL 92.9 and 92.1; here 200 images and 50 samples, so a loose band).
 #[test]
 fn the_shipped_mnist_checkpoints_evaluate() {
     for name in ["mnist-vae", "mnist-savae-unrolled-ft"] {

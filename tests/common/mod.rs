@@ -104,7 +104,6 @@ pub struct PipelineGradients {
     pub differences: Vec<f64>,
 }
 
-/// With `outer`, the loss takes its own draws (`train_step_outer`).
 impl PipelineGradients {
     /// Asserts that the refinement converged (max ‖∇F‖ < 1e-10) and that the implicit
     /// gradient agrees with the unrolled one and with the differences to `tol` (relative).
@@ -127,6 +126,7 @@ impl PipelineGradients {
     }
 }
 
+/// With `outer`, the loss takes its own draws (`train_step_outer`).
 pub fn pipeline_gradients(
     model: &savae_model::Vae,
     x: &savae_model::Batch,

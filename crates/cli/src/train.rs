@@ -319,9 +319,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let device = &opts.device;
     let dtype = cfg.dtype();
     let vocab_size = data.vocab_size();
-    let model = Vae::new(&cfg.model_config(vocab_size), cfg.seed, dtype, device)?;
+    let model_config = cfg.model_config(vocab_size);
+    let model = Vae::new(&model_config, cfg.seed, dtype, device)?;
     if let Some((p, ck)) = &init_from {
-        let diff = architecture_diff(&ck.meta.model, &cfg.model_config(vocab_size));
+        let diff = architecture_diff(&ck.meta.model, &model_config);
         if !diff.is_empty() {
             bail!(
                 "--init-from {}: its architecture differs from the configured one: {}; pass the \
@@ -373,11 +374,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let nb = train_split.epoch_batches(cfg.batch_size, cfg.seed, 0).len();
     let d = cfg.latent_dim;
     let mut bad_run = 0usize;
-    let fresh_outer = cfg.outer_noise == "fresh"
-        && matches!(
-            mode,
-            Mode::Svi | Mode::VaeSvi | Mode::SavaeImplicit | Mode::SavaeUnrolled
-        );
+    let fresh_outer = cfg.outer_noise == "fresh" && mode.refines();
     // Testing hook: SAVAE_INJECT_NAN_FROM_STEP=N makes every loss from step N on NaN.
     let inject_nan_from: Option<u64> = std::env::var("SAVAE_INJECT_NAN_FROM_STEP")
         .ok()
@@ -390,7 +387,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 best: Option<f64>| CheckpointMeta {
         format_version: FORMAT_VERSION,
         dataset: cfg.dataset.clone(),
-        model: cfg.model_config(vocab_size),
+        model: model_config.clone(),
         epoch,
         step,
         rng: RngState {
