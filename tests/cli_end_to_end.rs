@@ -158,6 +158,50 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
     assert!(ea < 0.0 && er < 0.0 && nll > 0.0, "{v}");
     // The importance-sampled bound is tighter than the ELBO (up to sampling noise).
     assert!(nll < -er + 5.0, "nll_iw {nll} vs -elbo {}", -er);
+    assert_eq!(v["svi_optimizer"], "sgd", "the checkpoint's refinement");
+
+    // `--svi-optimizer` scores the same checkpoint with another refinement: same
+    // amortized numbers, a different refined ELBO.
+    let eval_with = |opt: &str| {
+        savae(&[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--split",
+            "valid",
+            "--max-examples",
+            "40",
+            "--iw-samples",
+            "0",
+            "--svi-steps",
+            "5",
+            "--svi-optimizer",
+            opt,
+            "--device",
+            "cpu",
+            "--quiet",
+        ])
+    };
+    let out = eval_with("newton");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(w["svi_optimizer"], "newton");
+    assert_eq!(w["elbo_amortized"], v["elbo_amortized"]);
+    let erw = w["elbo_refined"].as_f64().unwrap();
+    assert!(
+        (erw - er).abs() > 1e-6,
+        "newton refined {erw} = sgd refined {er}"
+    );
+    let out = eval_with("lbfgs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--svi-optimizer") && err.contains("lbfgs"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -11,7 +11,7 @@
 use crate::batch;
 use crate::batch::SplitData;
 use crate::step::Mode;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use savae_data::batch_rng;
@@ -44,6 +44,8 @@ pub struct EvalReport {
     /// Mean ‖∇F(λ_K)‖ after the refinement.
     pub svi_grad_norm: f64,
     pub svi_steps: usize,
+    /// The refinement's optimizer (`sgd`, `adam`, `newton`).
+    pub svi_optimizer: &'static str,
     pub nll_iw: Option<f64>,
     pub iw_samples: usize,
     pub active_units: usize,
@@ -285,6 +287,7 @@ pub fn evaluate(
         kl_refined: s_kr / nf,
         svi_grad_norm: s_gn / nf,
         svi_steps: steps,
+        svi_optimizer: opts.svi.optimizer.name(),
         nll_iw: has_nll.then_some(s_nll / nf),
         iw_samples: if latent { opts.iw_samples } else { 0 },
         active_units: count_active(&musr, d),
@@ -313,6 +316,10 @@ pub struct EvalRequest {
     pub split: String,
     pub iw_samples: usize,
     pub svi_steps: Option<usize>,
+    /// Refinement optimizer (`sgd`, `adam`, `newton`), with the checkpoint's SVI step
+    /// size; `None` keeps the checkpoint's optimizer. Lets rows trained with different
+    /// refinements be scored by the same one.
+    pub svi_optimizer: Option<String>,
     pub max_examples: Option<usize>,
     pub elbo_samples: usize,
     pub refine_samples: Option<usize>,
@@ -358,6 +365,10 @@ pub fn evaluate_checkpoint(req: &EvalRequest, device: &Device) -> Result<Evaluat
     let mut svi = crate::train::svi_config(&cfg)?;
     if let Some(k) = req.svi_steps {
         svi.steps = k;
+    }
+    if let Some(name) = &req.svi_optimizer {
+        svi.optimizer =
+            savae_inference::SviOptimizer::parse(name, cfg.svi_lr).context("--svi-optimizer")?;
     }
     let bs = req.batch_size.unwrap_or(cfg.batch_size);
     anyhow::ensure!(bs > 0, "--batch-size must be at least 1");

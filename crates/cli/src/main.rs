@@ -119,6 +119,11 @@ struct EvalArgs {
     /// SVI refinement steps (default: the checkpoint's).
     #[arg(long)]
     svi_steps: Option<usize>,
+    /// SVI refinement optimizer: sgd | adam | newton, at the checkpoint's --svi-lr
+    /// (default: the checkpoint's), so that models trained with different refinements
+    /// can be scored by the same one.
+    #[arg(long)]
+    svi_optimizer: Option<String>,
     /// Evaluate the first N examples of the split (file order).
     #[arg(long)]
     max_examples: Option<usize>,
@@ -175,6 +180,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         split: a.split,
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
+        svi_optimizer: a.svi_optimizer,
         max_examples: a.max_examples,
         elbo_samples: a.elbo_samples,
         refine_samples: a.refine_samples,

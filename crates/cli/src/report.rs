@@ -580,6 +580,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         split: a.split.clone(),
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
+        svi_optimizer: None,
         max_examples: Some(a.max_examples),
         elbo_samples: a.elbo_samples,
         refine_samples: None,

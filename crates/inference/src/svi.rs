@@ -58,6 +58,15 @@ impl SviOptimizer {
             other => bail!("unknown --svi-optimizer {other:?}: expected sgd, adam or newton"),
         })
     }
+
+    /// The name [`SviOptimizer::parse`] takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Sgd { .. } => "sgd",
+            Self::Adam { .. } => "adam",
+            Self::Newton { .. } => "newton",
+        }
+    }
 }
 
 /// Refinement settings.
