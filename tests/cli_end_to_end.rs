@@ -238,6 +238,7 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
         (vec!["train", "--model", "vqvae"], "--model"),
         (vec!["train", "--activation", "swish"], "activation"),
         (vec!["train", "--device", "tpu"], "--device"),
+        (vec!["train", "--encoder-loss", "both"], "--encoder-loss"),
         (
             vec!["eval", "--checkpoint", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",

@@ -72,6 +72,44 @@ fn implicit_gradient_with_independent_outer_draws_matches_differences() {
     g.assert_agree(1e-6);
 }
 
+/// `--encoder-loss amortized`: the decoder keeps the implicit gradient of the loss at λ*,
+/// and the encoder's gradient is that of its own ELBO at λ0 — the plain VAE's encoder
+/// gradient on the same draws (another path, f64), not the one through the refinement.
+#[test]
+fn amortized_encoder_loss_gives_the_encoder_the_vae_gradient_and_keeps_the_decoders() {
+    use savae_cli::step::EncoderLoss;
+    let (model, x, eps) = setup("softplus");
+    savae_implicit::ensure_second_order().unwrap();
+    let through = step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact);
+    let own = savae_cli::step::StepConfig {
+        encoder_loss: EncoderLoss::Amortized,
+        ..through.clone()
+    };
+    let g_through = train_step(&model, &x, &eps, &through).unwrap().grads;
+    let g_own = train_step(&model, &x, &eps, &own).unwrap().grads;
+    let g_vae = train_step(&model, &x, &eps, &step_cfg(Mode::Vae, 0, HvpKind::Exact))
+        .unwrap()
+        .grads;
+    let part = |g: &[Tensor], prefix: &str| -> Vec<f64> {
+        let picked: Vec<Tensor> = model
+            .params
+            .iter()
+            .zip(g)
+            .filter(|((n, _), _)| n.starts_with(prefix))
+            .map(|(_, t)| t.clone())
+            .collect();
+        assert!(!picked.is_empty(), "no {prefix} parameters");
+        flat(&picked)
+    };
+    let e = rel_err(&part(&g_own, "encoder."), &part(&g_vae, "encoder."));
+    assert!(e < 1e-10, "encoder gradient vs the VAE's: {e}");
+    let e = rel_err(&part(&g_own, "decoder."), &part(&g_through, "decoder."));
+    assert!(e < 1e-12, "decoder gradient changed: {e}");
+    // The option changes what the encoder learns from.
+    let e = rel_err(&part(&g_own, "encoder."), &part(&g_through, "encoder."));
+    assert!(e > 1e-2, "encoder gradient unchanged by the option: {e}");
+}
+
 #[test]
 fn finite_difference_hvp_backend_matches_exact() {
     let (model, x, eps) = setup("softplus");

@@ -86,6 +86,7 @@ pub fn step_cfg(
         hvp,
         cg_retries: 3,
         stationarity_tol: f64::INFINITY,
+        encoder_loss: savae_cli::step::EncoderLoss::Refined,
     }
 }
 

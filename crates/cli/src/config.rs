@@ -74,6 +74,14 @@ pub struct TrainConfig {
     /// Checkpoint whose model weights start the run (fine-tuning; a fresh optimizer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// What trains the SA-VAE encoder: `refined` (the loss at λ* through λ0, SA-VAE's
+    /// rule) or `amortized` (its own ELBO at λ0, as in vae-svi).
+    #[serde(default = "refined_encoder")]
+    pub encoder_loss: String,
+}
+
+fn refined_encoder() -> String {
+    "refined".into()
 }
 
 fn same_noise() -> String {
@@ -122,6 +130,7 @@ impl Default for TrainConfig {
             max_len: 0,
             outer_noise: "fresh".into(),
             init_from: None,
+            encoder_loss: refined_encoder(),
         }
     }
 }
@@ -259,6 +268,10 @@ pub struct TrainOverrides {
     /// SA-VAE.
     #[arg(long)]
     pub init_from: Option<String>,
+    /// What trains the encoder of --model savae: refined (the loss at the refined λ*,
+    /// through λ0: SA-VAE) | amortized (its own ELBO at λ0, as vae-svi does).
+    #[arg(long)]
+    pub encoder_loss: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -283,7 +296,7 @@ impl TrainOverrides {
             dataset, model, grad, epochs, batch_size, lr, latent_dim, hidden, activation,
             svi_steps, svi_lr, svi_optimizer, svi_tol, prox, cg_iters, cg_tol, cg_damping, cg_retries, stationarity_tol, hvp,
             samples, kl_start, kl_warmup_epochs, max_grad_norm, seed, dtype, log_every,
-            embed_dim, dropout, max_len, outer_noise;
+            embed_dim, dropout, max_len, outer_noise, encoder_loss;
             max_train_examples, valid_examples, max_vocab);
         if let Some(p) = &self.init_from {
             cfg.init_from = Some(p.clone());
@@ -317,6 +330,7 @@ impl TrainConfig {
                 self.outer_noise
             );
         }
+        crate::step::EncoderLoss::parse(&self.encoder_loss)?;
         if self.model == "lm" && !text {
             bail!("--model lm is the language-model baseline of text data sets: use --dataset ptb or text:DIR");
         }

@@ -154,6 +154,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         hvp: HvpKind::Exact,
         cg_retries: 3,
         stationarity_tol: f64::INFINITY,
+        encoder_loss: crate::step::EncoderLoss::Refined,
     };
     let imp = train_step(&model, &x, &eps, &cfg(Mode::SavaeImplicit))?;
     let unr = train_step(&model, &x, &eps, &cfg(Mode::SavaeUnrolled))?;

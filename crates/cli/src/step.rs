@@ -53,6 +53,29 @@ impl Mode {
     }
 }
 
+/// What trains the encoder of the SA-VAE modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderLoss {
+    /// The loss at the refined λ*, through λ0: ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ (SA-VAE). With
+    /// the implicit gradient ∂L/∂λ0 = γu, which vanishes as γ → 0 and is small wherever
+    /// the refinement reaches an optimum that hardly depends on its start.
+    Refined,
+    /// The encoder's own ELBO at λ0 with the decoder held fixed, as in vae-svi: the
+    /// encoder is trained to be a good posterior, the decoder by the loss at λ*.
+    Amortized,
+}
+
+impl EncoderLoss {
+    /// `refined` or `amortized`.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "refined" => Self::Refined,
+            "amortized" => Self::Amortized,
+            other => bail!("--encoder-loss {other:?} is unknown: expected refined or amortized"),
+        })
+    }
+}
+
 /// What a step needs besides the model and the batch.
 #[derive(Debug, Clone)]
 pub struct StepConfig {
@@ -67,6 +90,8 @@ pub struct StepConfig {
     /// Examples whose ‖∇F(λ_K)‖ exceeds this are not stationary: the implicit gradient
     /// does not apply to them and they take the adjoint's identity fallback.
     pub stationarity_tol: f64,
+    /// What trains the encoder of the SA-VAE modes (the others train it on its own ELBO).
+    pub encoder_loss: EncoderLoss,
 }
 
 /// Refinement diagnostics of a step.
@@ -424,12 +449,14 @@ fn savae_step(
         (sol.lambda0_grad, Some(stats))
     };
     if model.encoder.is_some() {
-        let enc_loss = if unrolled || cfg.svi.prox > 0.0 {
+        let through_refinement =
+            cfg.encoder_loss == EncoderLoss::Refined && (unrolled || cfg.svi.prox > 0.0);
+        let enc_loss = if through_refinement {
             // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.
             (&lambda0.0 * lambda0_grad.detach())?.sum_all()?
         } else {
-            // γ = 0: no gradient reaches the encoder through the optimum; it trains on
-            // its own ELBO at λ0 instead (as in vae-svi).
+            // `--encoder-loss amortized`, or γ = 0: no gradient reaches the encoder
+            // through the optimum. It trains on its own ELBO at λ0 (as in vae-svi).
             let t0 = elbo(dec_det, x, lambda0, eps, beta)?;
             (t0.elbo.mean_all()? * -1.0)?
         };

@@ -12,7 +12,7 @@ use crate::batch::{Corpus, Dropout, SplitData};
 use crate::checkpoint::{self, CheckpointMeta, RngState, FORMAT_VERSION};
 use crate::config::{TrainConfig, TrainOverrides};
 use crate::eval::{evaluate, EvalOptions};
-use crate::step::{train_step_outer, Mode, StepConfig};
+use crate::step::{train_step_outer, EncoderLoss, Mode, StepConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -111,6 +111,7 @@ pub fn step_config(cfg: &TrainConfig, beta: f64) -> Result<StepConfig> {
         hvp: HvpKind::parse(&cfg.hvp)?,
         cg_retries: cfg.cg_retries,
         stationarity_tol: cfg.stationarity_tol,
+        encoder_loss: EncoderLoss::parse(&cfg.encoder_loss)?,
     })
 }
 
