@@ -119,22 +119,32 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
     );
     assert_eq!(st.tensor("decoder.layers.1.bias").unwrap().shape(), &[784]);
     let ck = d.join("best.safetensors");
-    let out = ok(&[
-        "eval",
-        "--checkpoint",
-        ck.to_str().unwrap(),
-        "--split",
-        "valid",
-        "--max-examples",
-        "40",
-        "--iw-samples",
-        "20",
-        "--svi-steps",
-        "5",
-        "--device",
-        "cpu",
-        "--quiet",
-    ]);
+    // 40 validation images, 5 refinement steps, and `extra`.
+    let eval = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--split",
+            "valid",
+            "--max-examples",
+            "40",
+            "--svi-steps",
+            "5",
+            "--device",
+            "cpu",
+            "--quiet",
+        ];
+        a.extend_from_slice(extra);
+        savae(&a)
+    };
+    let out = eval(&["--iw-samples", "20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for k in [
         "split",
@@ -162,26 +172,7 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
 
     // `--svi-optimizer` scores the same checkpoint with another refinement: same
     // amortized numbers, a different refined ELBO.
-    let eval_with = |opt: &str| {
-        savae(&[
-            "eval",
-            "--checkpoint",
-            ck.to_str().unwrap(),
-            "--split",
-            "valid",
-            "--max-examples",
-            "40",
-            "--iw-samples",
-            "0",
-            "--svi-steps",
-            "5",
-            "--svi-optimizer",
-            opt,
-            "--device",
-            "cpu",
-            "--quiet",
-        ])
-    };
+    let eval_with = |opt: &str| eval(&["--iw-samples", "0", "--svi-optimizer", opt]);
     let out = eval_with("newton");
     assert!(
         out.status.success(),
