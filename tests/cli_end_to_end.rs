@@ -119,8 +119,8 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
     );
     assert_eq!(st.tensor("decoder.layers.1.bias").unwrap().shape(), &[784]);
     let ck = d.join("best.safetensors");
-    // 40 validation images, 5 refinement steps, and `extra`.
-    let eval = |extra: &[&str]| {
+    // The arguments of an eval of 40 validation images, 5 refinement steps, and `extra`.
+    let eval_args = |extra: &[&'static str]| {
         let mut a = vec![
             "eval",
             "--checkpoint",
@@ -136,15 +136,9 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
             "--quiet",
         ];
         a.extend_from_slice(extra);
-        savae(&a)
+        a
     };
-    let out = eval(&["--iw-samples", "20"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let out = ok(&eval_args(&["--iw-samples", "20"]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for k in [
         "split",
@@ -172,14 +166,8 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
 
     // `--svi-optimizer` scores the same checkpoint with another refinement: same
     // amortized numbers, a different refined ELBO.
-    let eval_with = |opt: &str| eval(&["--iw-samples", "0", "--svi-optimizer", opt]);
-    let out = eval_with("newton");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let with = |opt: &'static str| eval_args(&["--iw-samples", "0", "--svi-optimizer", opt]);
+    let w: serde_json::Value = serde_json::from_str(ok(&with("newton")).trim()).unwrap();
     assert_eq!(w["svi_optimizer"], "newton");
     assert_eq!(w["elbo_amortized"], v["elbo_amortized"]);
     let erw = w["elbo_refined"].as_f64().unwrap();
@@ -187,7 +175,7 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
         (erw - er).abs() > 1e-6,
         "newton refined {erw} = sgd refined {er}"
     );
-    let out = eval_with("lbfgs");
+    let out = savae(&with("lbfgs"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("--svi-optimizer") && err.contains("lbfgs"),
