@@ -3,19 +3,19 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::step_cfg;
+use common::{savae_implicit, savae_unrolled, step_cfg};
 use savae_cli::gradcheck::rel_err;
-use savae_cli::step::{train_step, Mode};
 use savae_implicit::HvpKind;
 use savae_model::{Batch, ModelConfig, Noise, Vae};
+use savae_train::step::{train_step, Mode};
 
 fn setup(act: &str) -> (Vae, Batch, Noise) {
     savae_implicit::enable_second_order();
     let cfg = ModelConfig {
-        kind: "savae".into(),
+        kind: savae_model::ModelKind::Savae,
         latent_dim: 2,
         hidden: vec![6],
-        activation: act.into(),
+        activation: savae_model::Activation::parse(act).unwrap(),
         input_dim: 12,
         vocab_size: 0,
         embed_dim: 0,
@@ -77,17 +77,23 @@ fn implicit_gradient_with_independent_outer_draws_matches_differences() {
 /// gradient on the same draws (another path, f64), not the one through the refinement.
 #[test]
 fn amortized_encoder_loss_gives_the_encoder_the_vae_gradient_and_keeps_the_decoders() {
-    use savae_cli::step::EncoderLoss;
+    use savae_train::step::EncoderLoss;
     let (model, x, eps) = setup("softplus");
     savae_implicit::ensure_second_order().unwrap();
-    let through = step_cfg(Mode::SavaeImplicit, 400, HvpKind::Exact);
-    let own = savae_cli::step::StepConfig {
-        encoder_loss: EncoderLoss::Amortized,
-        ..through.clone()
+    let through = step_cfg(savae_implicit(HvpKind::Exact), 400);
+    let own = savae_train::StepConfig {
+        mode: match through.mode {
+            Mode::Savae { gradient, .. } => Mode::Savae {
+                gradient,
+                encoder_loss: EncoderLoss::Amortized,
+            },
+            other => other,
+        },
+        ..through
     };
     let g_through = train_step(&model, &x, &eps, &through).unwrap().grads;
     let g_own = train_step(&model, &x, &eps, &own).unwrap().grads;
-    let g_vae = train_step(&model, &x, &eps, &step_cfg(Mode::Vae, 0, HvpKind::Exact))
+    let g_vae = train_step(&model, &x, &eps, &step_cfg(Mode::Vae, 0))
         .unwrap()
         .grads;
     let part = |g: &[Tensor], prefix: &str| -> Vec<f64> {
@@ -117,14 +123,14 @@ fn finite_difference_hvp_backend_matches_exact() {
         &model,
         &x,
         &eps,
-        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
+        &step_cfg(savae_implicit(HvpKind::Exact), 300),
     )
     .unwrap();
     let fd = train_step(
         &model,
         &x,
         &eps,
-        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::FiniteDifference),
+        &step_cfg(savae_implicit(HvpKind::FiniteDifference), 300),
     )
     .unwrap();
     let e = rel_err(&flat(&fd.grads), &flat(&exact.grads));
@@ -184,17 +190,11 @@ fn implicit_and_unrolled_agree_in_f32() {
         &m32,
         &x32,
         &eps32,
-        &step_cfg(Mode::SavaeImplicit, 300, HvpKind::Exact),
+        &step_cfg(savae_implicit(HvpKind::Exact), 300),
     )
     .unwrap();
-    let unr = train_step(
-        &m32,
-        &x32,
-        &eps32,
-        &step_cfg(Mode::SavaeUnrolled, 300, HvpKind::Exact),
-    )
-    .unwrap();
-    let conv = |o: &savae_cli::step::StepOutput| {
+    let unr = train_step(&m32, &x32, &eps32, &step_cfg(savae_unrolled(), 300)).unwrap();
+    let conv = |o: &savae_train::step::StepOutput| {
         o.grads
             .iter()
             .map(|g| g.to_dtype(DType::F64).unwrap())

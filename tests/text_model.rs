@@ -4,25 +4,28 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor, Var};
-use common::step_cfg;
+use common::{savae_implicit, savae_unrolled, step_cfg};
 use rand::SeedableRng;
-use savae_cli::batch::{token_batch, Dropout, SplitData};
-use savae_cli::eval::{evaluate, EvalOptions};
 use savae_cli::gradcheck::rel_err;
-use savae_cli::step::{train_step, Mode};
 use savae_data::TextSplit;
 use savae_implicit::{value_and_grad, BatchedOperator, ExactHvp, FdHvp, HvpKind};
 use savae_inference::{SviConfig, SviOptimizer};
 use savae_model::{elbo, Batch, ModelConfig, Noise, Vae, VariationalParams};
+use savae_train::batch::{token_batch, Dropout, SplitData};
+use savae_train::eval::{evaluate, EvalOptions};
+use savae_train::step::{train_step, Mode};
 
 const V: usize = 7;
 
 fn config(kind: &str) -> ModelConfig {
     ModelConfig {
-        kind: kind.into(),
+        kind: match kind {
+            "lm" => savae_model::ModelKind::Lm,
+            _ => savae_model::ModelKind::Savae,
+        },
         latent_dim: 2,
         hidden: vec![4],
-        activation: "softplus".into(),
+        activation: savae_model::Activation::Softplus,
         input_dim: 0,
         vocab_size: V,
         embed_dim: 3,
@@ -185,10 +188,10 @@ fn every_mode_takes_a_finite_step_on_text() {
         Mode::Vae,
         Mode::Svi,
         Mode::VaeSvi,
-        Mode::SavaeImplicit,
-        Mode::SavaeUnrolled,
+        savae_implicit(HvpKind::Exact),
+        savae_unrolled(),
     ] {
-        let out = train_step(&model, &x, &eps, &step_cfg(mode, 5, HvpKind::Exact)).unwrap();
+        let out = train_step(&model, &x, &eps, &step_cfg(mode, 5)).unwrap();
         assert!(out.loss.is_finite(), "{mode:?}");
         let norm: f64 = flat(&out.grads).iter().map(|v| v * v).sum();
         assert!(
@@ -198,7 +201,7 @@ fn every_mode_takes_a_finite_step_on_text() {
     }
     let lm = Vae::new(&config("lm"), 5, DType::F64, &Device::Cpu).unwrap();
     assert!(lm.encoder.is_none() && lm.params.get("decoder.init.weight").is_none());
-    let out = train_step(&lm, &x, &eps, &step_cfg(Mode::Lm, 0, HvpKind::Exact)).unwrap();
+    let out = train_step(&lm, &x, &eps, &step_cfg(Mode::Lm, 0)).unwrap();
     assert!(out.loss > 0.0 && out.kl == 0.0);
 }
 
@@ -253,7 +256,6 @@ fn perplexity_of_a_unigram_toy_model_is_exact() {
             refine_samples: 2,
             batch_size: 2,
             seed: 1,
-            progress: false,
         };
         let r = evaluate(&model, &split, "toy", &opts, &Device::Cpu).unwrap();
         assert_eq!(r.tokens, Some(tokens));

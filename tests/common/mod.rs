@@ -57,14 +57,39 @@ pub fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
+/// The SA-VAE implicit gradient of the agreement tests: a tight CG (50 iterations,
+/// tolerance 1e-13, 3 retries) and no stationarity cut, with `hvp` products.
+pub fn savae_implicit(hvp: savae_implicit::HvpKind) -> savae_train::Mode {
+    use savae_train::{ImplicitGradient, Mode, SavaeGradient};
+    Mode::Savae {
+        gradient: SavaeGradient::Implicit(ImplicitGradient {
+            solve: savae_implicit::ShiftedSolve {
+                cg: savae_implicit::CgConfig {
+                    max_iters: 50,
+                    tol: 1e-13,
+                },
+                damping: 0.0,
+                retries: 3,
+            },
+            hvp,
+            stationarity_tol: f64::INFINITY,
+        }),
+        encoder_loss: savae_train::options::EncoderLoss::Refined,
+    }
+}
+
+/// The SA-VAE unrolled gradient (encoder through the refinement).
+pub fn savae_unrolled() -> savae_train::Mode {
+    savae_train::Mode::Savae {
+        gradient: savae_train::SavaeGradient::Unrolled,
+        encoder_loss: savae_train::options::EncoderLoss::Refined,
+    }
+}
+
 /// The step settings of the gradient-agreement tests: SGD refinement (lr 0.5, momentum
-/// 0.5, no clip, γ = 2), a tight CG and no stationarity cut, β = 0.7.
-pub fn step_cfg(
-    mode: savae_cli::step::Mode,
-    steps: usize,
-    hvp: savae_implicit::HvpKind,
-) -> savae_cli::step::StepConfig {
-    savae_cli::step::StepConfig {
+/// 0.5, no clip, γ = 2), β = 0.7.
+pub fn step_cfg(mode: savae_train::Mode, steps: usize) -> savae_train::StepConfig {
+    savae_train::StepConfig {
         mode,
         beta: 0.7,
         svi: savae_inference::SviConfig {
@@ -78,15 +103,6 @@ pub fn step_cfg(
             tol: 0.0,
             batch_size: 1,
         },
-        cg: savae_implicit::CgConfig {
-            max_iters: 50,
-            tol: 1e-13,
-        },
-        damping: 0.0,
-        hvp,
-        cg_retries: 3,
-        stationarity_tol: f64::INFINITY,
-        encoder_loss: savae_cli::step::EncoderLoss::Refined,
     }
 }
 
@@ -137,23 +153,16 @@ pub fn pipeline_gradients(
     entries: impl Fn(usize) -> Vec<usize>,
 ) -> PipelineGradients {
     use candle_core::Tensor;
-    use savae_cli::step::{train_step_outer, Mode};
     use savae_implicit::HvpKind;
+    use savae_train::step::train_step_outer;
     let flat = |ts: &[Tensor]| -> Vec<f64> {
         ts.iter()
             .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap())
             .collect()
     };
-    let cfg = step_cfg(Mode::SavaeImplicit, steps, HvpKind::Exact);
+    let cfg = step_cfg(savae_implicit(HvpKind::Exact), steps);
     let imp = train_step_outer(model, x, eps, outer, &cfg).unwrap();
-    let unr = train_step_outer(
-        model,
-        x,
-        eps,
-        outer,
-        &step_cfg(Mode::SavaeUnrolled, steps, HvpKind::Exact),
-    )
-    .unwrap();
+    let unr = train_step_outer(model, x, eps, outer, &step_cfg(savae_unrolled(), steps)).unwrap();
     let implicit = flat(&imp.grads);
     let vars = model.params.vars();
     let (mut differences, mut implicit_picked) = (Vec::new(), Vec::new());

@@ -6,14 +6,15 @@
 //! reported by the driver, sampled every 0.2 ms by a thread while the steps run, minus
 //! the memory in use before the configuration started.
 
-use crate::adam::Adam;
-use crate::config::{data_dir, TrainConfig};
-use crate::step::{train_step, Mode};
-use crate::train::step_config;
+use crate::data_dir;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
 use savae_model::Vae;
+use savae_train::adam::Adam;
+use savae_train::options::{GradientKind, ModelKind};
+use savae_train::step::train_step;
+use savae_train::TrainConfig;
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -23,10 +24,11 @@ pub struct BenchArgs {
     /// Modes: vae, vae-svi, savae-implicit, savae-unrolled (comma separated).
     #[arg(
         long,
+        value_enum,
         value_delimiter = ',',
         default_value = "vae,vae-svi,savae-unrolled,savae-implicit"
     )]
-    pub modes: Vec<String>,
+    pub modes: Vec<BenchMode>,
     /// SVI steps K (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "5,20,50")]
     pub k: Vec<usize>,
@@ -58,16 +60,28 @@ pub struct BenchArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-fn mode_names(m: &str) -> Result<(&'static str, &'static str)> {
-    Ok(match m {
-        "lm" => ("lm", "implicit"),
-        "vae" => ("vae", "implicit"),
-        "vae-svi" => ("vae-svi", "implicit"),
-        "svi" => ("svi", "implicit"),
-        "savae-implicit" => ("savae", "implicit"),
-        "savae-unrolled" => ("savae", "unrolled"),
-        other => anyhow::bail!("--modes: unknown mode {other:?}"),
-    })
+/// A timed mode: a model, and for SA-VAE its gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchMode {
+    Lm,
+    Vae,
+    VaeSvi,
+    Svi,
+    SavaeImplicit,
+    SavaeUnrolled,
+}
+
+impl BenchMode {
+    fn settings(self) -> (ModelKind, GradientKind) {
+        match self {
+            Self::Lm => (ModelKind::Lm, GradientKind::Implicit),
+            Self::Vae => (ModelKind::Vae, GradientKind::Implicit),
+            Self::VaeSvi => (ModelKind::VaeSvi, GradientKind::Implicit),
+            Self::Svi => (ModelKind::Svi, GradientKind::Implicit),
+            Self::SavaeImplicit => (ModelKind::Savae, GradientKind::Implicit),
+            Self::SavaeUnrolled => (ModelKind::Savae, GradientKind::Unrolled),
+        }
+    }
 }
 
 /// Peak-memory probe for one configuration.
@@ -186,9 +200,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dev = crate::device::resolve(&a.device)?;
     savae_implicit::ensure_second_order()?;
     let base = TrainConfig::defaults_for(&a.dataset);
-    base.validate().context("--dataset")?;
+    base.validate().map_err(crate::flags::setting_error)?;
     let text = base.is_text();
-    let corpus = crate::batch::Corpus::load(
+    let corpus = savae_train::batch::Corpus::load(
         &a.dataset,
         &data_dir(a.data_dir.as_ref()),
         None,
@@ -198,8 +212,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     )?;
     // The candidates of a timed batch: shuffled images, or sentences of one length.
     let pool: Vec<usize> = match &corpus.train {
-        crate::batch::SplitData::Images(s) => savae_data::epoch_order(0, 0, s.len),
-        crate::batch::SplitData::Text(s) => (0..s.len())
+        savae_train::batch::SplitData::Images(s) => savae_data::epoch_order(0, 0, s.len),
+        savae_train::batch::SplitData::Text(s) => (0..s.len())
             .filter(|&i| s.sentences[i].len() == a.sentence_len)
             .collect(),
     };
@@ -218,7 +232,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let (e, h) = (base.embed_dim, base.hidden.first().copied().unwrap_or(0));
-        let dropout = (text && base.dropout > 0.0).then_some(crate::batch::Dropout {
+        let dropout = (text && base.dropout > 0.0).then_some(savae_train::batch::Dropout {
             p: base.dropout,
             embed: e,
             hidden: h,
@@ -228,11 +242,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .batch(&pool[..b], &mut rng, DType::F32, &dev, dropout)?;
         let tokens_per_batch = text.then_some(b * (a.sentence_len + 1));
         for m in &a.modes {
-            let (model_name, grad) = mode_names(m)?;
-            if model_name == "lm" && !text {
+            let (model_kind, grad) = m.settings();
+            if model_kind == ModelKind::Lm && !text {
                 continue;
             }
-            let ks: Vec<usize> = if model_name == "vae" || model_name == "lm" {
+            let ks: Vec<usize> = if !model_kind.refines() {
                 vec![0]
             } else {
                 a.k.clone()
@@ -244,8 +258,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             };
             for &k in &ks {
                 let cfg = TrainConfig {
-                    model: model_name.into(),
-                    grad: grad.into(),
+                    model: model_kind,
+                    grad,
                     batch_size: b,
                     svi_steps: k,
                     cg_iters: a.cg_iters,
@@ -256,16 +270,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     latent_dim,
                     ..base.clone()
                 };
-                let mode = Mode::from_names(model_name, grad)?;
+                let mode = cfg.mode();
                 let model = Vae::new(&cfg.model_config(corpus.vocab_size()), 0, DType::F32, &dev)?;
                 let vars = model.params.vars();
                 let mut adam = Adam::new(&vars, cfg.lr)?;
-                let scfg = step_config(&cfg, 1.0)?;
+                let scfg = cfg.step_config(1.0);
                 let mut times = Vec::new();
                 let mut cg_mean = None;
                 probe.start()?;
                 for i in 0..a.warmup + a.steps {
-                    let eps = crate::batch::noise(&mut rng, 1, b, latent_dim, DType::F32, &dev)?;
+                    let eps =
+                        savae_train::batch::noise(&mut rng, 1, b, latent_dim, DType::F32, &dev)?;
                     dev.synchronize()?;
                     let t = Instant::now();
                     let out = train_step(&model, &x, &eps, &scfg)?;
@@ -283,7 +298,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "dataset": a.dataset,
                     "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
                     "k": if mode.refines() { Some(k) } else { None },
-                    "cg_iters": if mode == Mode::SavaeImplicit { Some(a.cg_iters) } else { None },
+                    "cg_iters": (*m == BenchMode::SavaeImplicit).then_some(a.cg_iters),
                     "cg_iters_mean": cg_mean,
                     "median_ms": med, "min_ms": times[0], "examples_per_s": b as f64 / (med / 1e3),
                     "peak_mem_mib": peak,

@@ -5,15 +5,18 @@
 //! convergence, then the loss) on a seeded random subset of parameters. Prints JSON with
 //! the relative errors and exits non-zero when any exceeds `--tol`.
 
-use crate::checkpoint;
-use crate::config::data_dir;
-use crate::step::{train_step, Mode, StepConfig, StepOutput};
+use crate::data_dir;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use savae_implicit::{CgConfig, HvpKind};
+use savae_implicit::{CgConfig, HvpKind, ShiftedSolve};
 use savae_inference::{SviConfig, SviOptimizer};
 use savae_model::{ModelConfig, Noise, Vae};
+use savae_train::checkpoint;
+use savae_train::options::{Activation, EncoderLoss, ModelKind};
+use savae_train::step::{
+    train_step, ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput,
+};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -96,10 +99,10 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         }
         None => {
             let cfg = ModelConfig {
-                kind: "savae".into(),
+                kind: ModelKind::Savae,
                 latent_dim: 4,
                 hidden: vec![32],
-                activation: "softplus".into(),
+                activation: Activation::Softplus,
                 input_dim: savae_data::PIXELS,
                 vocab_size: 0,
                 embed_dim: 0,
@@ -120,16 +123,32 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         .map(|i| (i * n / a.examples + 7) % n)
         .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let x = savae_model::Batch::Images(crate::batch::images(
+    let x = savae_model::Batch::Images(savae_train::batch::images(
         &data.test,
         &idx,
         &mut rng,
         DType::F64,
         &dev,
     )?);
-    let eps = crate::batch::noise(&mut rng, 1, idx.len(), model.latent_dim(), DType::F64, &dev)?;
-    let cfg = |mode: Mode| StepConfig {
-        mode,
+    let eps =
+        savae_train::batch::noise(&mut rng, 1, idx.len(), model.latent_dim(), DType::F64, &dev)?;
+    let implicit = SavaeGradient::Implicit(ImplicitGradient {
+        solve: ShiftedSolve {
+            cg: CgConfig {
+                max_iters: 500,
+                tol: 1e-12,
+            },
+            damping: 0.0,
+            retries: 3,
+        },
+        hvp: HvpKind::Exact,
+        stationarity_tol: f64::INFINITY,
+    });
+    let cfg = |gradient: SavaeGradient| StepConfig {
+        mode: Mode::Savae {
+            gradient,
+            encoder_loss: EncoderLoss::Refined,
+        },
         beta: 1.0,
         svi: SviConfig {
             steps: a.svi_steps,
@@ -139,25 +158,16 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
                 clip: f64::INFINITY,
             },
             prox: a.prox,
-            tol: if mode == Mode::SavaeImplicit {
-                1e-11
-            } else {
+            tol: if gradient == SavaeGradient::Unrolled {
                 0.0
+            } else {
+                1e-11
             },
             batch_size: 1,
         },
-        cg: CgConfig {
-            max_iters: 500,
-            tol: 1e-12,
-        },
-        damping: 0.0,
-        hvp: HvpKind::Exact,
-        cg_retries: 3,
-        stationarity_tol: f64::INFINITY,
-        encoder_loss: crate::step::EncoderLoss::Refined,
     };
-    let imp = train_step(&model, &x, &eps, &cfg(Mode::SavaeImplicit))?;
-    let unr = train_step(&model, &x, &eps, &cfg(Mode::SavaeUnrolled))?;
+    let imp = train_step(&model, &x, &eps, &cfg(implicit))?;
+    let unr = train_step(&model, &x, &eps, &cfg(SavaeGradient::Unrolled))?;
     let gnorm = imp
         .svi
         .as_ref()
@@ -189,7 +199,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
             let mut w = base.clone();
             w[off] += delta;
             var.set(&Tensor::from_vec(w, var.shape(), &dev)?)?;
-            Ok(train_step(&model, &x, &eps, &cfg(Mode::SavaeImplicit))?.loss)
+            Ok(train_step(&model, &x, &eps, &cfg(implicit))?.loss)
         };
         let d = (loss_at(h)? - loss_at(-h)?) / (2.0 * h);
         var.set(&Tensor::from_vec(base, var.shape(), &dev)?)?;

@@ -2,14 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use savae_cli::{
-    bench,
-    config::{data_dir, TrainOverrides},
-    device,
-    eval::{evaluate_checkpoint, EvalRequest},
-    gradcheck, report, sample,
-    train::{train, TrainOptions},
-};
+use savae_cli::{bench, data_dir, device, flags, gradcheck, report, sample, train_cmd};
+use savae_train::eval::{evaluate_checkpoint, EvalRequest};
+use savae_train::options::SviMethod;
 use std::path::PathBuf;
 
 /// mimalloc keeps freed pages for reuse: the text model allocates and frees tensors of
@@ -34,7 +29,7 @@ struct Cli {
 enum Command {
     /// Train a model (defaults: an amortized VAE on static binarized MNIST; --model savae
     /// for SA-VAE with implicit gradients).
-    Train(Box<TrainArgs>),
+    Train(Box<train_cmd::TrainArgs>),
     /// Evaluate a checkpoint: ELBOs, KL, importance-sampled NLL, active units (JSON).
     Eval(EvalArgs),
     /// Compare the implicit, unrolled and finite-difference parameter gradients (JSON).
@@ -60,13 +55,13 @@ struct ExportArgs {
 
 fn run_export(a: ExportArgs) -> Result<()> {
     use anyhow::Context;
-    let ck = savae_cli::checkpoint::load(&a.checkpoint)?;
+    let ck = savae_train::checkpoint::load(&a.checkpoint)?;
     let model = ck.model(
         &a.checkpoint,
         ck.meta.config.dtype(),
         &candle_core::Device::Cpu,
     )?;
-    savae_cli::checkpoint::save(&a.out, &model, None, &ck.meta)
+    savae_train::checkpoint::save(&a.out, &model, None, &ck.meta)
         .with_context(|| format!("--out {}", a.out.display()))?;
     eprintln!(
         "savae: wrote {} (weights and metadata, no optimizer state)",
@@ -76,43 +71,13 @@ fn run_export(a: ExportArgs) -> Result<()> {
 }
 
 #[derive(clap::Args)]
-struct TrainArgs {
-    /// TOML file of settings (same names as the flags, with underscores).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Output folder: checkpoints and metrics.jsonl.
-    #[arg(long, default_value = "checkpoints/run")]
-    run_dir: PathBuf,
-    /// Continue the run in --run-dir from its last.safetensors.
-    #[arg(long)]
-    resume: bool,
-    /// Replace a run already in --run-dir.
-    #[arg(long, conflicts_with = "resume")]
-    overwrite: bool,
-    /// cpu | cuda | cuda:N | auto.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Folder of the data files (default: the repository's data/).
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Stop after this many consecutive non-finite batches.
-    #[arg(long, default_value_t = 10)]
-    max_bad_batches: usize,
-    /// No progress bars.
-    #[arg(long)]
-    quiet: bool,
-    #[command(flatten)]
-    overrides: TrainOverrides,
-}
-
-#[derive(clap::Args)]
 struct EvalArgs {
     /// A checkpoint written by `savae train`.
     #[arg(long)]
     checkpoint: PathBuf,
     /// valid | test (| train).
-    #[arg(long, default_value = "test")]
-    split: String,
+    #[arg(long, default_value = "test", value_parser = flags::parse_split)]
+    split: savae_data::Split,
     /// Importance samples for nll_iw (0 skips it).
     #[arg(long, default_value_t = 500)]
     iw_samples: usize,
@@ -122,8 +87,8 @@ struct EvalArgs {
     /// SVI refinement optimizer: sgd | adam | newton, at the checkpoint's --svi-lr
     /// (default: the checkpoint's), so that models trained with different refinements
     /// can be scored by the same one.
-    #[arg(long)]
-    svi_optimizer: Option<String>,
+    #[arg(long, value_enum)]
+    svi_optimizer: Option<SviMethod>,
     /// Evaluate the first N examples of the split (file order).
     #[arg(long)]
     max_examples: Option<usize>,
@@ -146,33 +111,6 @@ struct EvalArgs {
     quiet: bool,
 }
 
-fn run_train(a: TrainArgs) -> Result<()> {
-    let opts = TrainOptions {
-        overrides: a.overrides,
-        config_file: a.config,
-        run_dir: a.run_dir,
-        resume: a.resume,
-        overwrite: a.overwrite,
-        device: device::resolve(&a.device)?,
-        data_dir: data_dir(a.data_dir.as_ref()),
-        progress: !a.quiet,
-        max_bad_batches: a.max_bad_batches,
-    };
-    savae_cli::train::install_signal_handler();
-    let s = train(&opts)?;
-    if s.interrupted {
-        println!("{}", serde_json::to_string(&s)?);
-        std::process::exit(130);
-    }
-    println!("{}", serde_json::to_string(&s)?);
-    eprintln!(
-        "savae: done — checkpoints in {0}/last.safetensors and {0}/best.safetensors, metrics in \
-         {0}/metrics.jsonl; evaluate with: savae eval --checkpoint {0}/best.safetensors",
-        s.run_dir.display()
-    );
-    Ok(())
-}
-
 fn run_eval(a: EvalArgs) -> Result<()> {
     let dev = device::resolve(&a.device)?;
     let req = EvalRequest {
@@ -187,9 +125,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         batch_size: a.batch_size,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),
-        progress: !a.quiet,
     };
-    let e = evaluate_checkpoint(&req, &dev)?;
+    let (pb, mut progress) = flags::eval_progress(!a.quiet);
+    let e = evaluate_checkpoint(&req, &dev, &mut progress)?;
+    pb.finish_and_clear();
     println!("{}", e.json);
     Ok(())
 }
@@ -202,7 +141,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Train(a) => run_train(*a),
+        Command::Train(a) => train_cmd::run(*a),
         Command::Eval(a) => run_eval(a),
         Command::Gradcheck(a) => gradcheck::run(a),
         Command::Bench(a) => bench::run(a),
@@ -211,7 +150,7 @@ fn main() {
         Command::Report(a) => report::run(a),
     };
     if let Err(e) = r {
-        eprintln!("savae: error: {e:#}");
+        eprintln!("savae: error: {}", flags::render(&e));
         std::process::exit(1);
     }
 }

@@ -8,12 +8,12 @@
 //! ELBO(refined) − ELBO(amortized) on the evaluated split) and `summary.md`, whose numbers
 //! are those `savae eval` prints for the same checkpoint and options.
 
-use crate::config::data_dir;
-use crate::eval::{evaluate_checkpoint, EvalRequest, Evaluated};
+use crate::data_dir;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
+use savae_train::eval::{evaluate_checkpoint, EvalRequest, Evaluated};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -29,8 +29,8 @@ pub struct ReportArgs {
     /// Output folder (default RUN_DIR/report).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long, default_value = "valid")]
-    pub split: String,
+    #[arg(long, default_value = "valid", value_parser = crate::flags::parse_split)]
+    pub split: savae_data::Split,
     #[arg(long, default_value_t = 100)]
     pub iw_samples: usize,
     #[arg(long, default_value_t = 1000)]
@@ -395,13 +395,13 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
     let model = &e.model;
     let dtype = model.dtype();
     let d = model.latent_dim();
-    let crate::batch::SplitData::Images(split) = &e.split else {
+    let savae_train::batch::SplitData::Images(split) = &e.split else {
         return Ok(Vec::new());
     };
     let n = split.len;
     let picks: Vec<usize> = (0..10.min(n)).map(|i| i * n / 10.min(n)).collect();
-    let mut rng = savae_data::batch_rng(e.options.seed, 9, 0, 0);
-    let x = crate::batch::images(split, &picks, &mut rng, dtype, device)?;
+    let mut rng = savae_data::Stream::ReportReconstructions.rng(e.options.seed, 0, 0);
+    let x = savae_train::batch::images(split, &picks, &mut rng, dtype, device)?;
     let inputs: Vec<Vec<f32>> = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     let lam0 = model.encode(&savae_model::Batch::Images(x.clone()))?;
     let mu0 = lam0.mu()?;
@@ -431,8 +431,8 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
         &rows,
     )?;
     // Samples from the prior.
-    let mut r2 = savae_data::batch_rng(e.options.seed, 10, 0, 0);
-    let z = crate::batch::noise(&mut r2, 1, 64, d, dtype, device)?
+    let mut r2 = savae_data::Stream::ReportPrior.rng(e.options.seed, 0, 0);
+    let z = savae_train::batch::noise(&mut r2, 1, 64, d, dtype, device)?
         .0
         .squeeze(0)?;
     let s = probs(&model.decoder, &z)?;
@@ -484,14 +484,14 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
 /// greedy reconstructions of ten sentences of the split at their refined posterior means.
 fn text_samples(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String>> {
     use crate::sample::{decode, Decoding};
-    let (Some(vocab), crate::batch::SplitData::Text(split)) = (&e.vocab, &e.split) else {
+    let (Some(vocab), savae_train::batch::SplitData::Text(split)) = (&e.vocab, &e.split) else {
         return Ok(Vec::new());
     };
     let model = &e.model;
     let dec = model.decoder.detached();
     let dec = dec.as_lstm()?;
     let latent = model.config.has_latent();
-    let mut rng = savae_data::batch_rng(e.options.seed, 11, 0, 0);
+    let mut rng = savae_data::Stream::ReportSentences.rng(e.options.seed, 0, 0);
     let mut text = String::new();
     for (name, how) in [
         ("greedy", Decoding::Greedy),
@@ -499,9 +499,16 @@ fn text_samples(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String
     ] {
         let z = if latent {
             Some(
-                crate::batch::noise(&mut rng, 1, 8, model.latent_dim(), model.dtype(), device)?
-                    .0
-                    .squeeze(0)?,
+                savae_train::batch::noise(
+                    &mut rng,
+                    1,
+                    8,
+                    model.latent_dim(),
+                    model.dtype(),
+                    device,
+                )?
+                .0
+                .squeeze(0)?,
             )
         } else {
             None
@@ -577,7 +584,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let device = crate::device::resolve(&a.device)?;
     let req = EvalRequest {
         checkpoint: ck.clone(),
-        split: a.split.clone(),
+        split: a.split,
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
         svi_optimizer: None,
@@ -587,9 +594,10 @@ pub fn run(a: ReportArgs) -> Result<()> {
         batch_size: None,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),
-        progress: !a.quiet,
     };
-    let e = evaluate_checkpoint(&req, &device)?;
+    let (pb, mut progress) = crate::flags::eval_progress(!a.quiet);
+    let e = evaluate_checkpoint(&req, &device, &mut progress)?;
+    pb.finish_and_clear();
     let mut files = Vec::new();
     if let Some(m) = run_dir
         .as_ref()
@@ -623,7 +631,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let cmd = format!(
         "savae eval --checkpoint {} --split {} --iw-samples {} --max-examples {} --elbo-samples {} --seed {}{}",
         ck.display(),
-        a.split,
+        a.split.name(),
         a.iw_samples,
         a.max_examples,
         a.elbo_samples,
@@ -633,12 +641,15 @@ pub fn run(a: ReportArgs) -> Result<()> {
     let mut md = String::new();
     md.push_str(&format!("# savae report: {}\n\n", ck.display()));
     md.push_str(&format!(
-        "Model `{}` ({}), latent {}, hidden {:?}, {}; dataset `{}`; epoch {}, step {}.\n\n",
+        "Model `{}`{}, latent {}, hidden {:?}, {}; dataset `{}`; epoch {}, step {}.\n\n",
         e.meta.config.model,
-        e.meta.config.grad,
+        match e.meta.config.model {
+            savae_train::options::ModelKind::Savae => format!(" ({} gradient)", e.meta.config.grad),
+            _ => String::new(),
+        },
         e.meta.model.latent_dim,
         e.meta.model.hidden,
-        e.meta.model.activation,
+        e.meta.model.activation.name(),
         e.meta.dataset,
         e.meta.epoch,
         e.meta.step

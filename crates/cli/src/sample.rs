@@ -2,7 +2,6 @@
 //! of given sentences (decoded at the amortized and at the refined posterior mean), and
 //! interpolations between the posterior means of two sentences.
 
-use crate::batch::{noise, token_batch};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
@@ -10,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use savae_data::text::{BOS, EOS};
 use savae_data::Vocab;
 use savae_model::{Batch, LstmDecoder, Vae};
+use savae_train::batch::{noise, token_batch};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -136,7 +136,7 @@ fn posterior_means(
         let x = Batch::Text(token_batch(&[&ids], &mut rng, dtype, device, None)?);
         let lambda0 = model.encode(&x)?.0.detach();
         let eps = noise(&mut rng, 8, 1, model.latent_dim(), dtype, device)?;
-        let r = crate::step::refine_elbo(&dec, &x, &eps, 1.0, &lambda0, svi, false)?;
+        let r = savae_train::step::refine_elbo(&dec, &x, &eps, 1.0, &lambda0, svi, false)?;
         let d = model.latent_dim();
         mu0.push(lambda0.narrow(1, 0, d)?);
         mur.push(r.lambda.narrow(1, 0, d)?);
@@ -153,7 +153,7 @@ fn unknown_words(vocab: &Vocab, s: &str) -> Vec<String> {
 
 pub fn run(a: SampleArgs) -> Result<()> {
     let device = crate::device::resolve(&a.device)?;
-    let ck = crate::checkpoint::load(&a.checkpoint)?;
+    let ck = savae_train::checkpoint::load(&a.checkpoint)?;
     let vocab = ck.vocab(&a.checkpoint)?.with_context(|| {
         format!(
             "{}: savae sample draws sentences; this is an image checkpoint (use savae report)",
@@ -191,7 +191,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             a.checkpoint.display()
         );
     }
-    let mut svi = crate::train::svi_config(&ck.meta.config)?;
+    let mut svi = ck.meta.config.svi_config();
     if let Some(k) = a.svi_steps {
         svi.steps = k;
     }

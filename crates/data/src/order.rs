@@ -45,6 +45,44 @@ pub fn batch_rng(seed: u64, stream: u64, epoch: u64, batch: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(SplitMix::derive(seed, 2 + stream, epoch, batch))
 }
 
+/// The named random streams of savae: each use of randomness draws from its own stream,
+/// so that adding draws to one never shifts another's numbers. The numbers are part of
+/// the checkpoint contract (changing one changes what a resumed run computes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// A training batch: dropout masks, dynamic binarization, ε (and the outer draws).
+    Train,
+    /// An evaluation batch: refinement draws, ELBO draws, importance samples.
+    Eval,
+    /// The draws of the mutual-information estimate.
+    MutualInfo,
+    /// The report's reconstruction inputs (dynamic binarization).
+    ReportReconstructions,
+    /// The report's prior samples and traversals.
+    ReportPrior,
+    /// The report's sentences (text).
+    ReportSentences,
+}
+
+impl Stream {
+    /// The stream's number in [`batch_rng`].
+    pub fn id(self) -> u64 {
+        match self {
+            Self::Train => 0,
+            Self::Eval => 1,
+            Self::MutualInfo => 7,
+            Self::ReportReconstructions => 9,
+            Self::ReportPrior => 10,
+            Self::ReportSentences => 11,
+        }
+    }
+
+    /// The RNG of this stream for `(epoch, batch)` of a run with `seed`.
+    pub fn rng(self, seed: u64, epoch: u64, batch: u64) -> ChaCha8Rng {
+        batch_rng(seed, self.id(), epoch, batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

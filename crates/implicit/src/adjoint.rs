@@ -39,17 +39,29 @@ pub struct AdjointSolution {
     pub u_solved: Tensor,
 }
 
-/// Solves the adjoint system for `g = ∇_λ L: [B, n]` with Hessian-vector products `hvp`.
+/// How the shifted system ((γ + δ) I − H) u = g is solved: by batched CG, with damping δ
+/// and up to `retries` re-solves of failed examples at ten times the shift each.
+/// The adjoint of the implicit gradient and the Newton refinement use the same solve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShiftedSolve {
+    pub cg: CgConfig,
+    /// δ ≥ 0, added to γ.
+    pub damping: f64,
+    /// Damped re-solves before the steepest-descent fallback (0: fall back at once).
+    pub retries: usize,
+}
+
+/// Solves ((γ + δ) I − H) u = g for `g: [B, n]` with Hessian-vector products `hvp`;
+/// examples marked in `untrusted` (missing entries: trusted) skip the solve.
 pub fn solve_adjoint(
     hvp: &dyn BatchedOperator,
     g: &Tensor,
     gamma: f64,
-    damping: f64,
-    cfg: &CgConfig,
-    retries: usize,
+    solve: &ShiftedSolve,
     untrusted: &[bool],
 ) -> Result<AdjointSolution> {
-    let shift = gamma + damping;
+    let (cfg, retries) = (&solve.cg, solve.retries);
+    let shift = gamma + solve.damping;
     let op = ShiftedNegHessian { hvp, shift };
     let nb = g.dim(0)?;
     let skip: Vec<bool> = (0..nb)

@@ -12,7 +12,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 /// CG settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CgConfig {
     /// Iteration limit.
     pub max_iters: usize,

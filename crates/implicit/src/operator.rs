@@ -10,12 +10,18 @@ pub trait BatchedOperator {
     fn apply(&self, v: &Tensor) -> Result<Tensor>;
 }
 
-/// How Hessian-vector products are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How Hessian-vector products are computed; named `exact` or `fd` in settings files,
+/// checkpoint metadata and on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum HvpKind {
     /// Double backward through the kept gradient graph.
+    #[serde(rename = "exact")]
+    #[cfg_attr(feature = "clap", value(name = "exact"))]
     Exact,
     /// Central differences of the gradient.
+    #[serde(rename = "fd")]
+    #[cfg_attr(feature = "clap", value(name = "fd"))]
     FiniteDifference,
 }
 
@@ -24,7 +30,9 @@ impl HvpKind {
         match s {
             "exact" => Ok(Self::Exact),
             "fd" => Ok(Self::FiniteDifference),
-            other => bail!("unknown --hvp {other:?}: expected exact or fd"),
+            other => {
+                bail!("Hessian-vector product kind {other:?} is unknown: expected exact or fd")
+            }
         }
     }
     pub fn name(self) -> &'static str {

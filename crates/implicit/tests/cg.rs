@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use savae_implicit::{batched_cg, solve_adjoint, BatchedOperator, CgConfig, CgStatus};
+use savae_implicit::{
+    batched_cg, solve_adjoint, BatchedOperator, CgConfig, CgStatus, ShiftedSolve,
+};
 
 /// One dense n×n matrix per example.
 struct Blocks(Vec<Vec<f64>>, usize);
@@ -149,12 +151,14 @@ fn adjoint_fallback_damps_failed_examples_and_counts_them() {
         &h,
         &g,
         1.0,
-        0.0,
-        &CgConfig {
-            max_iters: 10,
-            tol: 1e-12,
+        &ShiftedSolve {
+            cg: CgConfig {
+                max_iters: 10,
+                tol: 1e-12,
+            },
+            damping: 0.0,
+            retries: 3,
         },
-        3,
         &[],
     )
     .unwrap();
@@ -184,12 +188,14 @@ fn adjoint_falls_back_to_steepest_descent_when_damping_does_not_help() {
         &h,
         &g,
         2.0,
-        0.0,
-        &CgConfig {
-            max_iters: 10,
-            tol: 1e-12,
+        &ShiftedSolve {
+            cg: CgConfig {
+                max_iters: 10,
+                tol: 1e-12,
+            },
+            damping: 0.0,
+            retries: 2,
         },
-        2,
         &[],
     )
     .unwrap();
@@ -209,12 +215,14 @@ fn untrusted_examples_skip_the_solve_and_take_the_identity_fallback() {
         &h,
         &g,
         2.0,
-        0.0,
-        &CgConfig {
-            max_iters: 10,
-            tol: 1e-12,
+        &ShiftedSolve {
+            cg: CgConfig {
+                max_iters: 10,
+                tol: 1e-12,
+            },
+            damping: 0.0,
+            retries: 0,
         },
-        0,
         &[true, false],
     )
     .unwrap();

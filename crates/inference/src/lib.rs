@@ -9,5 +9,7 @@
 pub mod svi;
 pub mod unrolled;
 
-pub use svi::{refine, refine_with_hvp, HvpOracle, Refinement, SviConfig, SviOptimizer, SviStep};
+pub use svi::{
+    refine, refine_with_hvp, HvpOracle, Refinement, SviConfig, SviMethod, SviOptimizer, SviStep,
+};
 pub use unrolled::{unrolled_backward, UnrolledGrad};

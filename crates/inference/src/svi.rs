@@ -10,7 +10,7 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use savae_implicit::{column, row_norms, solve_adjoint, BatchedOperator, CgConfig};
+use savae_implicit::{column, row_norms, solve_adjoint, BatchedOperator, CgConfig, ShiftedSolve};
 
 /// The inner optimizer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,42 +35,84 @@ pub enum SviOptimizer {
     },
 }
 
-impl SviOptimizer {
-    /// `sgd`, `adam` or `newton` with the SA-VAE / PyTorch defaults and learning rate `lr`.
-    pub fn parse(name: &str, lr: f64) -> Result<Self> {
-        Ok(match name {
-            "sgd" => Self::Sgd {
+/// Which inner optimizer, by name (`sgd`, `adam`, `newton`): the option a user sets.
+/// [`SviMethod::with_lr`] gives the optimizer with its SA-VAE / PyTorch defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum SviMethod {
+    /// SGD with momentum 0.5, per-example clip 5, on the batch-mean loss (SA-VAE).
+    Sgd,
+    /// Adam (β1 0.9, β2 0.999).
+    Adam,
+    /// Damped Newton ascent: CG on exact Hessian-vector products, steps capped at 2.
+    Newton,
+}
+
+impl SviMethod {
+    /// The optimizer with learning rate `lr` and this method's defaults.
+    pub fn with_lr(self, lr: f64) -> SviOptimizer {
+        match self {
+            Self::Sgd => SviOptimizer::Sgd {
                 lr,
                 momentum: 0.5,
                 clip: 5.0,
             },
-            "adam" => Self::Adam {
+            Self::Adam => SviOptimizer::Adam {
                 lr,
                 beta1: 0.9,
                 beta2: 0.999,
                 eps: 1e-8,
             },
-            "newton" => Self::Newton {
+            Self::Newton => SviOptimizer::Newton {
                 lr,
                 cg_iters: 10,
                 max_step: 2.0,
             },
-            other => bail!("unknown --svi-optimizer {other:?}: expected sgd, adam or newton"),
-        })
+        }
     }
 
-    /// The name [`SviOptimizer::parse`] takes.
-    pub fn name(&self) -> &'static str {
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Sgd { .. } => "sgd",
-            Self::Adam { .. } => "adam",
-            Self::Newton { .. } => "newton",
+            Self::Sgd => "sgd",
+            Self::Adam => "adam",
+            Self::Newton => "newton",
         }
     }
 }
 
+impl SviOptimizer {
+    /// `sgd`, `adam` or `newton` with the SA-VAE / PyTorch defaults and learning rate `lr`.
+    pub fn parse(name: &str, lr: f64) -> Result<Self> {
+        let method = match name {
+            "sgd" => SviMethod::Sgd,
+            "adam" => SviMethod::Adam,
+            "newton" => SviMethod::Newton,
+            other => {
+                bail!("refinement optimizer {other:?} is unknown: expected sgd, adam or newton")
+            }
+        };
+        Ok(method.with_lr(lr))
+    }
+
+    /// Which method this is.
+    pub fn method(&self) -> SviMethod {
+        match self {
+            Self::Sgd { .. } => SviMethod::Sgd,
+            Self::Adam { .. } => SviMethod::Adam,
+            Self::Newton { .. } => SviMethod::Newton,
+        }
+    }
+
+    /// The name [`SviOptimizer::parse`] takes.
+    pub fn name(&self) -> &'static str {
+        self.method().name()
+    }
+}
+
 /// Refinement settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SviConfig {
     pub steps: usize,
     pub optimizer: SviOptimizer,
@@ -198,11 +240,15 @@ pub fn refine_with_hvp(
                 max_step,
             } => {
                 let op = op.ok_or_else(|| anyhow::anyhow!("internal: no HVP operator"))?;
-                let cg = CgConfig {
-                    max_iters: cg_iters,
-                    tol: 1e-4,
+                let solve = ShiftedSolve {
+                    cg: CgConfig {
+                        max_iters: cg_iters,
+                        tol: 1e-4,
+                    },
+                    damping: 1e-3,
+                    retries: 0,
                 };
-                let sol = solve_adjoint(op.as_ref(), &g, cfg.prox, 1e-3, &cg, 0, &[])?;
+                let sol = solve_adjoint(op.as_ref(), &g, cfg.prox, &solve, &[])?;
                 let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
                 let cap = (dn.recip()? * max_step)?.clamp(0.0, 1.0)?;
                 lambda = (&lambda + (sol.u.broadcast_mul(&cap)? * lr)?)?;

@@ -4,7 +4,11 @@
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A hidden-layer activation of the MLP; serialized (checkpoint metadata, TOML) and
+/// named on the command line by its lower-case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum Activation {
     Softplus,
     Tanh,
@@ -19,7 +23,7 @@ impl Activation {
             "tanh" => Self::Tanh,
             "relu" => Self::Relu,
             "elu" => Self::Elu,
-            other => bail!("unknown activation {other:?}: expected softplus, tanh, relu or elu"),
+            other => bail!("activation {other:?} is unknown: expected softplus, tanh, relu or elu"),
         })
     }
     pub fn name(self) -> &'static str {

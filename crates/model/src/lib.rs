@@ -19,4 +19,4 @@ pub use elbo::{bernoulli_log_lik, gaussian_kl, ElboTerms, Noise, VariationalPara
 pub use mlp::{Linear, Mlp};
 pub use params::ParamSet;
 pub use text::{DropoutMasks, LstmDecoder, LstmEncoder, TokenBatch};
-pub use vae::{elbo, log_weights, Batch, Decoder, Encoder, ModelConfig, Vae};
+pub use vae::{elbo, log_weights, Batch, Decoder, Encoder, ModelConfig, ModelKind, Vae};

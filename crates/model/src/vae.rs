@@ -16,17 +16,58 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// Which model is trained: the one table of model names (serialized, and on the command
+/// line, as `vae`, `svi`, `vae-svi`, `savae`, `lm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Amortized VAE: the loss at the encoder's λ0.
+    Vae,
+    /// Stochastic variational inference alone: no encoder, λ refined from 0.
+    Svi,
+    /// The decoder trained at refined λ*, the encoder on its own ELBO at λ0.
+    VaeSvi,
+    /// Semi-amortized VAE: the loss at λ*, differentiated through the refinement.
+    Savae,
+    /// The text decoder alone (no latent): the language-model baseline.
+    Lm,
+}
+
+impl ModelKind {
+    /// The name used in settings, metadata and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vae => "vae",
+            Self::Svi => "svi",
+            Self::VaeSvi => "vae-svi",
+            Self::Savae => "savae",
+            Self::Lm => "lm",
+        }
+    }
+    /// Whether λ is refined from λ0 before the loss (svi, vae-svi, savae).
+    pub fn refines(self) -> bool {
+        matches!(self, Self::Svi | Self::VaeSvi | Self::Savae)
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The architecture, as stored in the checkpoint metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// Training mode the model was built for: vae, svi, vae-svi, savae, lm.
-    pub kind: String,
+    /// The model it was built for (`svi` has no encoder, `lm` no latent).
+    pub kind: ModelKind,
     pub latent_dim: usize,
     /// MLP: hidden sizes of the encoder, input side first (the decoder mirrors them).
     /// LSTM: `[H]`, the LSTM size of encoder and decoder.
     pub hidden: Vec<usize>,
     /// MLP activation (unused by the LSTM).
-    pub activation: String,
+    pub activation: Activation,
     /// Input size (784 for MNIST; unused by the LSTM).
     #[serde(default = "default_input")]
     pub input_dim: usize,
@@ -47,31 +88,32 @@ fn default_input() -> usize {
 
 impl ModelConfig {
     pub fn has_encoder(&self) -> bool {
-        self.kind != "svi" && self.kind != "lm"
+        !matches!(self.kind, ModelKind::Svi | ModelKind::Lm)
     }
     /// False for the language model, whose decoder takes no z.
     pub fn has_latent(&self) -> bool {
-        self.kind != "lm"
+        self.kind != ModelKind::Lm
     }
     pub fn is_text(&self) -> bool {
         self.vocab_size > 0
     }
     pub fn validate(&self) -> Result<()> {
         if self.latent_dim == 0 {
-            bail!("--latent-dim must be at least 1 (got 0)");
+            bail!("the latent size must be at least 1 (got 0)");
         }
         if self.hidden.is_empty() || self.hidden.contains(&0) {
-            bail!("--hidden sizes must be positive (got {:?})", self.hidden);
+            bail!("hidden sizes must be positive (got {:?})", self.hidden);
         }
         if self.is_text() {
             if self.embed_dim == 0 {
-                bail!("--embed-dim must be at least 1 (got 0)");
+                bail!("the embedding size must be at least 1 (got 0)");
             }
             if !(0.0..1.0).contains(&self.dropout) {
-                bail!("--dropout must be in [0, 1) (got {})", self.dropout);
+                bail!(
+                    "the dropout probability must be in [0, 1) (got {})",
+                    self.dropout
+                );
             }
-        } else {
-            Activation::parse(&self.activation)?;
         }
         Ok(())
     }
@@ -196,7 +238,7 @@ impl Vae {
                 decoder: Decoder::Lstm(decoder),
             });
         }
-        let act = Activation::parse(&config.activation)?;
+        let act = config.activation;
         let encoder = if config.has_encoder() {
             let mut sizes = vec![config.input_dim];
             sizes.extend(&config.hidden);

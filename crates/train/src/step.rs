@@ -4,94 +4,91 @@
 //! The loss is L = −(1/B) Σ_b ELBO_β(λ_b), at λ0 = enc(x) (vae), or at the refined
 //! λ* (svi, vae-svi, savae). Gradients are returned in the order of `model.params`.
 
-use anyhow::{bail, Result};
+pub use crate::options::EncoderLoss;
+use crate::options::{HvpKind, ModelKind};
+use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor};
 use savae_implicit::{
     autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
-    BatchedOperator, CgConfig, ExactHvp, FdHvp, HvpKind, ValueGrad,
+    BatchedOperator, ExactHvp, FdHvp, ShiftedSolve, ValueGrad,
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{elbo, Batch, Decoder, Noise, Vae, VariationalParams};
 use serde::Serialize;
 
-/// The training mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The training mode: the model, and for SA-VAE the gradient strategy through the
+/// refinement and what trains its encoder.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     /// The text decoder alone (no latent): the language-model baseline.
     Lm,
     Vae,
     Svi,
     VaeSvi,
-    SavaeImplicit,
-    SavaeUnrolled,
+    Savae {
+        gradient: SavaeGradient,
+        encoder_loss: EncoderLoss,
+    },
+}
+
+/// How the SA-VAE loss at λ* is differentiated with respect to θ and λ0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SavaeGradient {
+    /// The implicit function theorem at λ*: one adjoint solve.
+    Implicit(ImplicitGradient),
+    /// Backpropagation through the SGD steps of the refinement.
+    Unrolled,
+}
+
+/// The settings of the implicit gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImplicitGradient {
+    /// The adjoint solve ((γ + δ) I − H) u = g: CG, damping, retries.
+    pub solve: ShiftedSolve,
+    pub hvp: HvpKind,
+    /// Examples whose ‖∇F(λ_K)‖ exceeds this are not stationary: the implicit gradient
+    /// does not apply to them and they take the adjoint's identity fallback.
+    pub stationarity_tol: f64,
 }
 
 impl Mode {
-    pub fn from_names(model: &str, grad: &str) -> Result<Self> {
-        Ok(match (model, grad) {
-            ("lm", _) => Self::Lm,
-            ("vae", _) => Self::Vae,
-            ("svi", _) => Self::Svi,
-            ("vae-svi", _) => Self::VaeSvi,
-            ("savae", "implicit") => Self::SavaeImplicit,
-            ("savae", "unrolled") => Self::SavaeUnrolled,
-            (m, g) => bail!("unknown mode --model {m} --grad {g}"),
-        })
+    /// The model this mode trains.
+    pub fn kind(self) -> ModelKind {
+        match self {
+            Self::Lm => ModelKind::Lm,
+            Self::Vae => ModelKind::Vae,
+            Self::Svi => ModelKind::Svi,
+            Self::VaeSvi => ModelKind::VaeSvi,
+            Self::Savae { .. } => ModelKind::Savae,
+        }
     }
     pub fn refines(self) -> bool {
-        !matches!(self, Self::Vae | Self::Lm)
+        self.kind().refines()
     }
+    /// The name benchmarks report: the model, and for SA-VAE its gradient.
     pub fn name(self) -> &'static str {
         match self {
-            Self::Lm => "lm",
-            Self::Vae => "vae",
-            Self::Svi => "svi",
-            Self::VaeSvi => "vae-svi",
-            Self::SavaeImplicit => "savae-implicit",
-            Self::SavaeUnrolled => "savae-unrolled",
+            Self::Savae {
+                gradient: SavaeGradient::Implicit(_),
+                ..
+            } => "savae-implicit",
+            Self::Savae {
+                gradient: SavaeGradient::Unrolled,
+                ..
+            } => "savae-unrolled",
+            other => other.kind().name(),
         }
     }
 }
 
-/// What trains the encoder of the SA-VAE modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EncoderLoss {
-    /// The loss at the refined λ*, through λ0: ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ (SA-VAE). With
-    /// the implicit gradient ∂L/∂λ0 = γu, which vanishes as γ → 0 and is small wherever
-    /// the refinement reaches an optimum that hardly depends on its start.
-    Refined,
-    /// The encoder's own ELBO at λ0 with the decoder held fixed, as in vae-svi: the
-    /// encoder is trained to be a good posterior, the decoder by the loss at λ*.
-    Amortized,
-}
-
-impl EncoderLoss {
-    /// `refined` or `amortized`.
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "refined" => Self::Refined,
-            "amortized" => Self::Amortized,
-            other => bail!("--encoder-loss {other:?} is unknown: expected refined or amortized"),
-        })
-    }
-}
-
 /// What a step needs besides the model and the batch.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepConfig {
     pub mode: Mode,
+    /// KL weight β.
     pub beta: f64,
+    /// The refinement (refining modes).
     pub svi: SviConfig,
-    pub cg: CgConfig,
-    pub damping: f64,
-    pub hvp: HvpKind,
-    /// Damped re-solves before the steepest-descent fallback (see savae_implicit::adjoint).
-    pub cg_retries: usize,
-    /// Examples whose ‖∇F(λ_K)‖ exceeds this are not stationary: the implicit gradient
-    /// does not apply to them and they take the adjoint's identity fallback.
-    pub stationarity_tol: f64,
-    /// What trains the encoder of the SA-VAE modes (the others train it on its own ELBO).
-    pub encoder_loss: EncoderLoss,
 }
 
 /// Refinement diagnostics of a step.
@@ -118,6 +115,26 @@ pub struct CgStats {
     pub fallbacks: usize,
     /// Examples not stationary at λ_K (‖∇F‖ > stationarity_tol): identity fallback.
     pub not_stationary: usize,
+}
+
+impl CgStats {
+    /// The statistics of an adjoint solve.
+    pub fn of(sol: &savae_implicit::AdjointSolution) -> Self {
+        use savae_implicit::CgStatus;
+        let rep = &sol.report;
+        Self {
+            iters_mean: rep.mean_iterations(),
+            iters_max: rep.max_iterations(),
+            residual_max: rep.max_residual(),
+            converged: rep.count(CgStatus::Converged),
+            max_iterations: rep.count(CgStatus::MaxIterations),
+            negative_curvature: rep.count(CgStatus::NegativeCurvature),
+            non_finite: rep.count(CgStatus::NonFinite),
+            retried: sol.retried,
+            fallbacks: sol.fallbacks,
+            not_stationary: sol.untrusted,
+        }
+    }
 }
 
 /// The outcome of one step.
@@ -260,7 +277,6 @@ pub fn train_step_outer(
     cfg: &StepConfig,
 ) -> Result<StepOutput> {
     let outer = outer_eps.unwrap_or(eps);
-    let b = x.len() as f64;
     let beta = cfg.beta;
     let lambda0 = model.encode(x)?;
     let dec_det = model.decoder.detached();
@@ -317,27 +333,66 @@ pub fn train_step_outer(
                 lambda0: lambda0.0.detach(),
             })
         }
-        Mode::SavaeImplicit | Mode::SavaeUnrolled => {
-            savae_step(model, x, eps, outer_eps, cfg, &lambda0, &dec_det, b)
+        Mode::Savae {
+            gradient,
+            encoder_loss,
+        } => {
+            let inputs = SavaeInputs {
+                model,
+                x,
+                eps,
+                outer_eps,
+                beta,
+                lambda0: &lambda0,
+                dec_det: &dec_det,
+            };
+            savae_step(&inputs, &cfg.svi, gradient, encoder_loss)
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What an SA-VAE step shares between its parts.
+struct SavaeInputs<'a> {
+    model: &'a Vae,
+    x: &'a Batch,
+    /// The refinement's draws (the inner objective).
+    eps: &'a Noise,
+    /// The outer loss's draws (None: `eps`).
+    outer_eps: Option<&'a Noise>,
+    beta: f64,
+    lambda0: &'a VariationalParams,
+    /// The decoder with its parameters detached.
+    dec_det: &'a Decoder,
+}
+
+impl SavaeInputs<'_> {
+    /// The inner ELBO at `lambda` with the model's decoder (parameter gradients kept).
+    fn inner_at(&self, lambda: &Tensor) -> Result<ValueGrad> {
+        elbo_vg(&self.model.decoder, self.x, self.eps, self.beta, lambda)
+    }
+
+    /// The decoder's parameter tensors, in `model.decoder_params()` order.
+    fn decoder_tensors(&self) -> Vec<Tensor> {
+        self.model
+            .decoder_params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect()
+    }
+}
+
+/// The SA-VAE step: refine λ0 → λ*, L = −(1/B) Σ ELBO(λ*) on the outer draws, and
+/// ∂L/∂θ, ∂L/∂λ0 by the chosen [`SavaeGradient`]; the encoder then gets ∂L/∂λ0 through
+/// λ0 = enc(x) or its own ELBO ([`EncoderLoss`]).
 fn savae_step(
-    model: &Vae,
-    x: &Batch,
-    eps: &Noise,
-    outer_eps: Option<&Noise>,
-    cfg: &StepConfig,
-    lambda0: &VariationalParams,
-    dec_det: &Decoder,
-    b: f64,
+    s: &SavaeInputs,
+    svi: &SviConfig,
+    gradient: SavaeGradient,
+    encoder_loss: EncoderLoss,
 ) -> Result<StepOutput> {
-    let beta = cfg.beta;
-    let unrolled = cfg.mode == Mode::SavaeUnrolled;
-    let gf = elbo_grad_fn(dec_det, x, eps, beta);
-    let r = refine_elbo(dec_det, x, eps, beta, &lambda0.0, &cfg.svi, unrolled)?;
+    let (model, b) = (s.model, s.x.len() as f64);
+    let unrolled = gradient == SavaeGradient::Unrolled;
+    let r = refine_elbo(s.dec_det, s.x, s.eps, s.beta, &s.lambda0.0, svi, unrolled)?;
     let e0 = r
         .trace
         .first()
@@ -345,7 +400,13 @@ fn savae_step(
         .unwrap_or(f64::NAN);
     // ELBO at λ* with the model's decoder and the outer draws: ∂_θ L and ∇_λ L (with the
     // refinement's own draws, the graph is kept for the mixed term).
-    let at_opt = elbo_vg(&model.decoder, x, outer_eps.unwrap_or(eps), beta, &r.lambda)?;
+    let at_opt = elbo_vg(
+        &model.decoder,
+        s.x,
+        s.outer_eps.unwrap_or(s.eps),
+        s.beta,
+        &r.lambda,
+    )?;
     let refined_elbo = mean(&at_opt.values)?;
     let kl = mean(&savae_model::gaussian_kl(&VariationalParams(
         r.lambda.clone(),
@@ -353,124 +414,22 @@ fn savae_step(
     // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
     let mut grads = collect(&at_opt.store, model, -1.0 / b)?;
     let g = (at_opt.grad.detach() * (-1.0 / b))?;
-    let dec_params = model.decoder_params();
-    let dec_tensors: Vec<Tensor> = dec_params
-        .iter()
-        .map(|(_, v)| v.as_tensor().clone())
-        .collect();
-    let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
-    let (lambda0_grad, cg_stats) = if unrolled {
-        let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
-            let vg = elbo_vg(&model.decoder, x, eps, beta, lam)?;
-            let mut refs = vec![vg.lambda.as_tensor()];
-            refs.extend(dec_refs.iter().copied());
-            let mut out = grads_of_dot(&vg.grad, &w.detach(), &refs)?;
-            let hw = out.remove(0);
-            Ok((hw, out))
-        };
-        let zeros = dec_tensors
-            .iter()
-            .map(|t| t.zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let ug = unrolled_backward(&second_order, &r, &g, &cfg.svi, zeros)?;
-        add_into(&mut grads, model, "decoder.", ug.theta_grads)?;
-        (ug.lambda0_grad, None)
-    } else {
-        let gamma = cfg.svi.prox;
-        let untrusted: Vec<bool> = r
-            .final_grad_norm
-            .iter()
-            .map(|&n| !(n.is_finite() && n <= cfg.stationarity_tol))
-            .collect();
-        // HVPs on a graph without parameter gradients (cheaper backward passes).
-        let op: Box<dyn BatchedOperator + '_> = match cfg.hvp {
-            HvpKind::Exact => {
-                let det = elbo_vg(dec_det, x, eps, beta, &r.lambda)?;
-                Box::new(ExactHvp {
-                    lambda: det.lambda,
-                    grad: det.grad,
-                })
-            }
-            HvpKind::FiniteDifference => Box::new(FdHvp {
-                grad_fn: |l: &Tensor| Ok(gf(l)?.1),
-                lambda: r.lambda.clone(),
-                rel_step: FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(
-                    r.lambda.dtype(),
-                ),
-            }),
-        };
-        let sol = solve_adjoint(
-            op.as_ref(),
-            &g,
-            gamma,
-            cfg.damping,
-            &cfg.cg,
-            cfg.cg_retries,
-            &untrusted,
-        )?;
-        let mixed = match cfg.hvp {
-            HvpKind::Exact => match outer_eps {
-                None => mixed_product_exact(&at_opt, &sol.u_solved, &dec_refs)?,
-                Some(_) => {
-                    let inner = elbo_vg(&model.decoder, x, eps, beta, &r.lambda)?;
-                    mixed_product_exact(&inner, &sol.u_solved, &dec_refs)?
-                }
-            },
-            HvpKind::FiniteDifference => {
-                let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
-                    let vg = elbo_vg(&model.decoder, x, eps, beta, l)?;
-                    dec_refs
-                        .iter()
-                        .map(|t| match vg.store.get(t) {
-                            Some(g) => Ok(g.detach()),
-                            None => Ok(t.zeros_like()?),
-                        })
-                        .collect()
-                };
-                let rel =
-                    FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
-                mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u_solved, rel)?
-            }
-        };
-        add_into(&mut grads, model, "decoder.", mixed)?;
-        let rep = &sol.report;
-        let stats = CgStats {
-            iters_mean: rep.mean_iterations(),
-            iters_max: rep.max_iterations(),
-            residual_max: rep.max_residual(),
-            converged: rep.count(savae_implicit::CgStatus::Converged),
-            max_iterations: rep.count(savae_implicit::CgStatus::MaxIterations),
-            negative_curvature: rep.count(savae_implicit::CgStatus::NegativeCurvature),
-            non_finite: rep.count(savae_implicit::CgStatus::NonFinite),
-            retried: sol.retried,
-            fallbacks: sol.fallbacks,
-            not_stationary: sol.untrusted,
-        };
-        (sol.lambda0_grad, Some(stats))
+    let (lambda0_grad, decoder_grads, cg_stats) = match gradient {
+        SavaeGradient::Unrolled => {
+            let (l0, dec) = unrolled_gradient(s, &r, &g, svi)?;
+            (l0, dec, None)
+        }
+        SavaeGradient::Implicit(imp) => {
+            let outer_is_inner = s.outer_eps.is_none().then_some(&at_opt);
+            let (l0, dec, stats) = implicit_gradient(s, &r, &g, svi.prox, &imp, outer_is_inner)?;
+            (l0, dec, Some(stats))
+        }
     };
+    add_into(&mut grads, model, "decoder.", decoder_grads)?;
     if model.encoder.is_some() {
         let through_refinement =
-            cfg.encoder_loss == EncoderLoss::Refined && (unrolled || cfg.svi.prox > 0.0);
-        let enc_loss = if through_refinement {
-            // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.
-            (&lambda0.0 * lambda0_grad.detach())?.sum_all()?
-        } else {
-            // `--encoder-loss amortized`, or γ = 0: no gradient reaches the encoder
-            // through the optimum. It trains on its own ELBO at λ0 (as in vae-svi).
-            let t0 = elbo(dec_det, x, lambda0, eps, beta)?;
-            (t0.elbo.mean_all()? * -1.0)?
-        };
-        let store = enc_loss.backward()?;
-        let enc_grads = model
-            .encoder_params()
-            .iter()
-            .map(|(_, v)| {
-                Ok(store
-                    .get(v.as_tensor())
-                    .map(|g| g.detach())
-                    .unwrap_or(v.as_tensor().zeros_like()?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+            encoder_loss == EncoderLoss::Refined && (unrolled || svi.prox > 0.0);
+        let enc_grads = encoder_gradient(s, through_refinement.then_some(&lambda0_grad))?;
         add_into(&mut grads, model, "encoder.", enc_grads)?;
     }
     Ok(StepOutput {
@@ -482,6 +441,116 @@ fn savae_step(
         svi: Some(svi_stats(&r)),
         cg: cg_stats,
         lambda_refined: Some(r.lambda),
-        lambda0: lambda0.0.detach(),
+        lambda0: s.lambda0.0.detach(),
     })
+}
+
+/// ∂L/∂λ0 and the decoder's second-order term by backpropagating `g = ∇_λ L` through the
+/// recorded SGD path of the refinement.
+fn unrolled_gradient(
+    s: &SavaeInputs,
+    r: &Refinement,
+    g: &Tensor,
+    svi: &SviConfig,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let dec_tensors = s.decoder_tensors();
+    let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+        let vg = s.inner_at(lam)?;
+        let mut refs = vec![vg.lambda.as_tensor()];
+        refs.extend(dec_tensors.iter());
+        let mut out = grads_of_dot(&vg.grad, &w.detach(), &refs)?;
+        let hw = out.remove(0);
+        Ok((hw, out))
+    };
+    let zeros = dec_tensors
+        .iter()
+        .map(|t| t.zeros_like())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let ug = unrolled_backward(&second_order, r, g, svi, zeros)?;
+    Ok((ug.lambda0_grad, ug.theta_grads))
+}
+
+/// ∂L/∂λ0 = γu and the mixed term ∇_θ(uᵀ ∇_λ ELBO(λ*)) from the adjoint solve
+/// ((γ + δ) I − H) u = g, with H the Hessian of the inner ELBO at λ*. `outer_is_inner`
+/// is the ELBO at λ* already computed on the refinement's draws, when the outer loss uses
+/// them (its graph then gives the mixed term).
+fn implicit_gradient(
+    s: &SavaeInputs,
+    r: &Refinement,
+    g: &Tensor,
+    gamma: f64,
+    imp: &ImplicitGradient,
+    outer_is_inner: Option<&ValueGrad>,
+) -> Result<(Tensor, Vec<Tensor>, CgStats)> {
+    let untrusted: Vec<bool> = r
+        .final_grad_norm
+        .iter()
+        .map(|&n| !(n.is_finite() && n <= imp.stationarity_tol))
+        .collect();
+    let gf = elbo_grad_fn(s.dec_det, s.x, s.eps, s.beta);
+    let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
+    // HVPs on a graph without parameter gradients (cheaper backward passes).
+    let op: Box<dyn BatchedOperator + '_> = match imp.hvp {
+        HvpKind::Exact => {
+            let det = elbo_vg(s.dec_det, s.x, s.eps, s.beta, &r.lambda)?;
+            Box::new(ExactHvp {
+                lambda: det.lambda,
+                grad: det.grad,
+            })
+        }
+        HvpKind::FiniteDifference => Box::new(FdHvp {
+            grad_fn: |l: &Tensor| Ok(gf(l)?.1),
+            lambda: r.lambda.clone(),
+            rel_step: rel,
+        }),
+    };
+    let sol = solve_adjoint(op.as_ref(), g, gamma, &imp.solve, &untrusted)?;
+    let dec_tensors = s.decoder_tensors();
+    let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
+    let mixed = match imp.hvp {
+        HvpKind::Exact => match outer_is_inner {
+            Some(at_opt) => mixed_product_exact(at_opt, &sol.u_solved, &dec_refs)?,
+            None => mixed_product_exact(&s.inner_at(&r.lambda)?, &sol.u_solved, &dec_refs)?,
+        },
+        HvpKind::FiniteDifference => {
+            let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
+                let vg = s.inner_at(l)?;
+                dec_refs
+                    .iter()
+                    .map(|t| match vg.store.get(t) {
+                        Some(g) => Ok(g.detach()),
+                        None => Ok(t.zeros_like()?),
+                    })
+                    .collect()
+            };
+            mixed_product_fd(theta_grad_fn, &r.lambda, &sol.u_solved, rel)?
+        }
+    };
+    let stats = CgStats::of(&sol);
+    Ok((sol.lambda0_grad, mixed, stats))
+}
+
+/// The encoder's gradient: through λ0 = enc(x) with `lambda0_grad` = ∂L/∂λ0, or (None)
+/// its own ELBO at λ0 with the decoder detached (`--encoder-loss amortized`, or γ = 0,
+/// where no gradient reaches the encoder through the optimum).
+fn encoder_gradient(s: &SavaeInputs, lambda0_grad: Option<&Tensor>) -> Result<Vec<Tensor>> {
+    let enc_loss = match lambda0_grad {
+        // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.
+        Some(l0) => (&s.lambda0.0 * l0.detach())?.sum_all()?,
+        None => {
+            let t0 = elbo(s.dec_det, s.x, s.lambda0, s.eps, s.beta)?;
+            (t0.elbo.mean_all()? * -1.0)?
+        }
+    };
+    let store = enc_loss.backward()?;
+    s.model
+        .encoder_params()
+        .iter()
+        .map(|(_, v)| {
+            Ok(store
+                .get(v.as_tensor())
+                .map(|g| g.detach())
+                .unwrap_or(v.as_tensor().zeros_like()?))
+        })
+        .collect()
 }

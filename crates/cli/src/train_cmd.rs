@@ -1,0 +1,311 @@
+//! `savae train`: the settings from defaults ← `--config` TOML ← flags, then the library's
+//! [`Trainer`] with the command line's observer: progress bars, one JSON line per logged
+//! step, skip, interrupt and epoch in `RUN_DIR/metrics.jsonl`, the epoch lines on stderr,
+//! Ctrl-C / SIGTERM as a stop request, and the tests' fault-injection hook.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use savae_train::step::StepOutput;
+use savae_train::trainer::{
+    EpochRecord, RunFolderTaken, RunStart, SkipRecord, StepRecord, StopRecord,
+};
+use savae_train::{Observer, RunOptions, TrainConfig, TrainOverrides, TrainSummary, Trainer};
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The flags of `savae train`.
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file of settings (same names as the flags, with underscores).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output folder: checkpoints and metrics.jsonl.
+    #[arg(long, default_value = "checkpoints/run")]
+    pub run_dir: PathBuf,
+    /// Continue the run in --run-dir from its last.safetensors.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace a run already in --run-dir.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// cpu | cuda | cuda:N | auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Folder of the data files (default: the repository's data/).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Stop after this many consecutive non-finite batches.
+    #[arg(long, default_value_t = 10)]
+    pub max_bad_batches: usize,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub overrides: TrainOverrides,
+}
+
+/// Signals received (Ctrl-C / SIGTERM). The first asks the loop to save and stop after the
+/// current step; the second exits at once.
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+/// Installs the Ctrl-C / SIGTERM handler (once per process).
+pub fn install_signal_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if SIGNALS.fetch_add(1, Ordering::SeqCst) >= 1 {
+                eprintln!("\nsavae: second interrupt: exiting now (the last checkpoint on disk is intact)");
+                std::process::exit(130);
+            }
+            eprintln!("\nsavae: interrupt: finishing this step, then saving (press Ctrl-C again to exit at once)");
+        });
+    });
+}
+
+/// The requested settings of a new run: the data set's defaults, the file, the flags.
+fn requested_config(a: &TrainArgs, file: Option<&TrainOverrides>) -> TrainConfig {
+    let dataset = a
+        .overrides
+        .dataset
+        .clone()
+        .or_else(|| file.and_then(|f| f.dataset.clone()))
+        .unwrap_or_else(|| "mnist".into());
+    let mut cfg = TrainConfig::defaults_for(&dataset);
+    if let Some(f) = file {
+        f.apply(&mut cfg);
+    }
+    a.overrides.apply(&mut cfg);
+    cfg
+}
+
+/// Runs `savae train`.
+pub fn run(a: TrainArgs) -> Result<()> {
+    let opts = RunOptions {
+        run_dir: a.run_dir.clone(),
+        data_dir: crate::data_dir(a.data_dir.as_ref()),
+        device: crate::device::resolve(&a.device)?,
+        max_bad_batches: a.max_bad_batches,
+    };
+    let file = a
+        .config
+        .as_deref()
+        .map(TrainOverrides::from_toml_file)
+        .transpose()?;
+    let dir = a.run_dir.display().to_string();
+    let mut trainer = if a.resume {
+        let changes: Vec<&TrainOverrides> = file.iter().chain([&a.overrides]).collect();
+        Trainer::resume(opts, &changes).with_context(|| format!("--resume --run-dir {dir}"))?
+    } else {
+        Trainer::create(requested_config(&a, file.as_ref()), opts, a.overwrite).map_err(
+            |e| match e.downcast_ref::<RunFolderTaken>() {
+                Some(_) => anyhow::anyhow!(
+                    "--run-dir {dir} already holds a run: pass --resume to continue it or \
+                     --overwrite to replace it"
+                ),
+                None => e,
+            },
+        )?
+    };
+    install_signal_handler();
+    let mut obs = CliObserver::new(&a.run_dir, !a.quiet)?;
+    let s: TrainSummary = trainer.run(&mut obs)?;
+    println!("{}", serde_json::to_string(&s)?);
+    if s.interrupted {
+        std::process::exit(130);
+    }
+    eprintln!(
+        "savae: done — checkpoints in {0}/last.safetensors and {0}/best.safetensors, metrics in \
+         {0}/metrics.jsonl; evaluate with: savae eval --checkpoint {0}/best.safetensors",
+        s.run_dir.display()
+    );
+    Ok(())
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(Self(f))
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.0, "{v}").context("cannot append to metrics.jsonl")?;
+        self.0.flush()?;
+        Ok(())
+    }
+}
+
+/// The command line's view of a run.
+struct CliObserver {
+    metrics: Metrics,
+    run_dir: PathBuf,
+    progress: bool,
+    bar: ProgressBar,
+    epochs: usize,
+    batches: usize,
+    /// Testing hook: `SAVAE_INJECT_NAN_FROM_STEP=N` makes every loss from step N on NaN.
+    inject_nan_from: Option<u64>,
+}
+
+impl CliObserver {
+    fn new(run_dir: &Path, progress: bool) -> Result<Self> {
+        Ok(Self {
+            metrics: Metrics::open(&run_dir.join("metrics.jsonl"))?,
+            run_dir: run_dir.to_path_buf(),
+            progress,
+            bar: ProgressBar::hidden(),
+            epochs: 0,
+            batches: 0,
+            inject_nan_from: std::env::var("SAVAE_INJECT_NAN_FROM_STEP")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        })
+    }
+}
+
+impl Observer for CliObserver {
+    fn on_start(&mut self, start: &RunStart) -> Result<()> {
+        self.epochs = start.config.epochs;
+        self.batches = start.batches_per_epoch;
+        for note in start.notes {
+            eprintln!("savae: {note}");
+        }
+        if start.resumed {
+            eprintln!(
+                "savae: resuming {} at epoch {}, batch {} (step {})",
+                self.run_dir.display(),
+                start.state.epoch + 1,
+                start.state.batch,
+                start.state.step
+            );
+        }
+        Ok(())
+    }
+
+    fn on_epoch_start(&mut self, epoch: usize, start_batch: usize) -> Result<()> {
+        self.bar = if self.progress {
+            ProgressBar::new(self.batches as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        self.bar.set_style(ProgressStyle::with_template(&format!(
+            "epoch {}/{} {{bar:25}} {{pos}}/{{len}} [{{elapsed_precise}}<{{eta_precise}}] {{msg}}",
+            epoch + 1,
+            self.epochs
+        ))?);
+        self.bar.set_position(start_batch as u64);
+        Ok(())
+    }
+
+    fn inspect_step(&mut self, step: u64, out: &mut StepOutput) {
+        if self.inject_nan_from.is_some_and(|n| step >= n) {
+            out.loss = f64::NAN; // fault injection for the reliability tests
+        }
+    }
+
+    fn on_step(&mut self, r: &StepRecord) -> Result<()> {
+        let out = r.output;
+        let secs = r.seconds.max(1e-9);
+        let ex_s = r.examples as f64 / secs;
+        let tok_s = r.tokens.map(|t| t as f64 / secs);
+        let mut msg = match tok_s {
+            Some(ts) => format!("loss {:.2} kl {:.2} {:.0} tok/s", out.loss, out.kl, ts),
+            None => format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s),
+        };
+        if let Some(c) = &out.cg {
+            msg.push_str(&format!(
+                " cg {:.1}it fail {}",
+                c.iters_mean,
+                c.negative_curvature + c.non_finite
+            ));
+        }
+        self.bar.set_message(msg);
+        self.bar.inc(1);
+        if r.log {
+            self.metrics.write(json!({
+                "kind": "step", "epoch": r.epoch + 1, "batch": r.batch + 1, "step": r.step,
+                "loss": out.loss, "elbo_amortized": out.elbo_amortized, "elbo_refined": out.elbo_refined,
+                "kl": out.kl, "beta": r.beta, "grad_norm": r.grad_norm, "examples_per_s": ex_s, "tokens_per_s": tok_s,
+                "step_seconds": r.seconds, "svi": out.svi, "cg": out.cg,
+            }))?;
+        }
+        Ok(())
+    }
+
+    fn on_skip(&mut self, s: &SkipRecord) -> Result<()> {
+        self.bar.suspend(|| {
+            eprintln!(
+                "savae: warning: epoch {} batch {}: non-finite loss or gradient, batch skipped",
+                s.epoch + 1,
+                s.batch
+            )
+        });
+        self.metrics.write(json!({"kind": "skip", "epoch": s.epoch + 1, "batch": s.batch, "step": s.step, "loss": s.loss.to_string(), "grad_norm": s.grad_norm.to_string(), "consecutive": s.consecutive}))
+    }
+
+    fn on_epoch_end(&mut self, e: &EpochRecord) -> Result<()> {
+        self.bar.finish_and_clear();
+        let (v, st) = (e.valid, e.stats);
+        let train_elbo = st.train_elbo();
+        self.metrics.write(json!({
+            "kind": "epoch", "epoch": e.epoch, "step": e.step, "beta": e.beta, "train_elbo": train_elbo,
+            "valid_elbo_amortized": v.elbo_amortized, "valid_elbo_refined": v.elbo_refined,
+            "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
+            "valid_ppl_bound": v.ppl_bound, "valid_mutual_info": v.mutual_info,
+            "epoch_seconds": e.seconds, "skipped_batches": e.skipped_batches, "best": e.improved,
+            "svi_resets": st.svi_resets, "cg_negative_curvature": st.cg_negative_curvature, "cg_non_finite": st.cg_non_finite,
+            "cg_retried": st.cg_retried, "cg_fallbacks": st.cg_fallbacks, "not_stationary": st.not_stationary,
+        }))?;
+        if self.progress {
+            let ppl = v
+                .ppl_bound
+                .map(|p| format!(", ppl ≤ {p:.1}"))
+                .unwrap_or_default();
+            eprintln!(
+                "epoch {}/{}: train elbo {train_elbo:.2}, valid elbo {:.2} (amortized {:.2}){ppl}, kl {:.2}, {:.0}s{}",
+                e.epoch,
+                e.epochs,
+                e.valid_elbo,
+                v.elbo_amortized,
+                v.kl_refined,
+                e.seconds,
+                if e.improved { " *best" } else { "" }
+            );
+        }
+        Ok(())
+    }
+
+    fn on_stop(&mut self, s: &StopRecord) -> Result<()> {
+        self.bar.finish_and_clear();
+        let dir = self.run_dir.display();
+        if s.saved {
+            self.metrics.write(
+                json!({"kind": "interrupt", "epoch": s.epoch + 1, "batch": s.batch, "step": s.step}),
+            )?;
+            eprintln!(
+                "savae: interrupted at epoch {}, batch {}: saved {}; continue with: savae train --run-dir {dir} --resume",
+                s.epoch + 1,
+                s.batch,
+                s.checkpoint.display(),
+            );
+        } else {
+            eprintln!(
+                "savae: interrupted after epoch {}: {} holds it; continue with: savae train --run-dir {dir} --resume",
+                s.epoch,
+                s.checkpoint.display(),
+            );
+        }
+        Ok(())
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        SIGNALS.load(Ordering::SeqCst) > 0
+    }
+}

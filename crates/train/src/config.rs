@@ -1,0 +1,402 @@
+//! Training settings: defaults ← TOML file ← overrides (the command line's flags).
+//!
+//! Every setting is declared once, in the `settings!` list below: its type, its default,
+//! its documentation (which is also its `--help` line) and its serde attributes. The list
+//! generates [`TrainConfig`] (every value resolved; stored in checkpoint metadata),
+//! [`TrainOverrides`] (the same settings as optional values: a TOML file or the flags) and
+//! [`TrainOverrides::apply`]. Adding a setting is one entry here (and its check in
+//! [`TrainConfig::validate`] when it has a range).
+
+use crate::options::{
+    require, Activation, EncoderLoss, GradientKind, HvpKind, ModelKind, OuterNoise, Precision,
+    SettingError, SviMethod,
+};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Declares the settings: `name: one T = default;` for a value, `name: opt T = default;`
+/// for an optional one (`Option<T>` in the config, set by `Some(v)`).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $(#[serde($($serde:tt)*)])*
+        $(#[arg($($arg:tt)*)])*
+        $name:ident : $kind:ident $ty:ty = $default:expr;
+    )*) => {
+        /// Every training setting, resolved. Stored in the checkpoint metadata (as JSON,
+        /// each enum under its lower-case name).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainConfig {
+            $( $(#[doc = $doc])* $(#[serde($($serde)*)])* pub $name: settings!(@ty $kind $ty), )*
+        }
+
+        impl Default for TrainConfig {
+            /// The image defaults (see [`TrainConfig::defaults_for`] for text).
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// The same settings as optional values: what a TOML file or the flags give.
+        #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct TrainOverrides {
+            $( $(#[doc = $doc])* #[arg(long, allow_negative_numbers = true $(, $($arg)*)*)] pub $name: Option<$ty>, )*
+        }
+
+        impl TrainOverrides {
+            /// Applies these overrides onto `cfg`.
+            pub fn apply(&self, cfg: &mut TrainConfig) {
+                $( if let Some(v) = &self.$name { settings!(@set $kind cfg.$name, v); } )*
+            }
+        }
+
+        /// The names of every setting, in declaration order.
+        pub const SETTING_NAMES: &[&str] = &[$(stringify!($name)),*];
+    };
+    (@ty one $ty:ty) => { $ty };
+    (@ty opt $ty:ty) => { Option<$ty> };
+    (@set one $cfg:ident . $name:ident, $v:ident) => { $cfg.$name = $v.clone() };
+    (@set opt $cfg:ident . $name:ident, $v:ident) => { $cfg.$name = Some($v.clone()) };
+}
+
+settings! {
+    /// mnist (static binarization), mnist-dynamic, ptb, or text:DIR (DIR/train.txt,
+    /// valid.txt, test.txt: one sentence per line).
+    dataset: one String = "mnist".into();
+    /// The model: vae, svi (no encoder), vae-svi, savae, lm (text: the decoder alone).
+    #[arg(value_enum)]
+    model: one ModelKind = ModelKind::Vae;
+    /// Gradient through the refinement for --model savae: implicit or unrolled.
+    #[arg(value_enum)]
+    grad: one GradientKind = GradientKind::Implicit;
+    /// Total number of epochs (a resumed run trains until this many are done).
+    epochs: one usize = 20;
+    /// Examples per training batch.
+    batch_size: one usize = 100;
+    /// Adam learning rate of the model.
+    lr: one f64 = 1e-3;
+    /// Size d of the latent z.
+    latent_dim: one usize = 32;
+    /// Hidden layer sizes, comma separated (encoder order; the decoder mirrors them; text:
+    /// one LSTM size).
+    #[arg(value_delimiter = ',')]
+    hidden: one Vec<usize> = vec![512, 512];
+    /// MLP activation: softplus, tanh, relu or elu.
+    #[arg(value_enum)]
+    activation: one Activation = Activation::Softplus;
+    /// Refinement steps K.
+    svi_steps: one usize = 10;
+    /// Step size of the refinement.
+    svi_lr: one f64 = 1.0;
+    /// Refinement optimizer: sgd (momentum 0.5, clip 5, on the batch-mean loss), adam, or
+    /// newton (CG on exact Hessian-vector products).
+    #[arg(value_enum)]
+    svi_optimizer: one SviMethod = SviMethod::Sgd;
+    /// Early stop of the refinement when every ‖∇F_b‖ is below this (0: never).
+    svi_tol: one f64 = 0.0;
+    /// Proximal weight γ: refine F(λ) = ELBO(λ) − γ/2 ‖λ − λ0‖².
+    prox: one f64 = 1.0;
+    /// CG iterations of the implicit gradient's adjoint solve.
+    cg_iters: one usize = 10;
+    /// Relative residual at which CG stops.
+    cg_tol: one f64 = 1e-4;
+    /// Damping δ added to γ in the adjoint solve ((γ + δ)I − H) u = g.
+    cg_damping: one f64 = 0.0;
+    /// Damped re-solves of examples whose CG hit negative curvature (0: fall back at once).
+    #[serde(default)]
+    cg_retries: one usize = 0;
+    /// ‖∇F(λ_K)‖ above which an example is not stationary and takes the identity fallback.
+    #[serde(default = "default_stationarity_tol")]
+    stationarity_tol: one f64 = default_stationarity_tol();
+    /// Hessian-vector products: exact (double backward) or fd (differences).
+    #[arg(value_enum)]
+    hvp: one HvpKind = HvpKind::Exact;
+    /// Noise samples S per ELBO estimate.
+    samples: one usize = 1;
+    /// KL weight β at the start of training.
+    kl_start: one f64 = 0.1;
+    /// Epochs over which β rises linearly from kl_start to 1.
+    kl_warmup_epochs: one usize = 2;
+    /// Global gradient-norm clip of the model's gradient (0: off).
+    max_grad_norm: one f64 = 5.0;
+    /// Seed of every random draw (weights, batches, noise).
+    seed: one u64 = 1;
+    /// Floating-point type: f32 or f64.
+    #[arg(value_enum)]
+    dtype: one Precision = Precision::F32;
+    /// Train on N examples of the shuffled training split only (default: all).
+    max_train_examples: opt usize = None;
+    /// Validation examples evaluated each epoch (default: the whole split).
+    valid_examples: opt usize = Some(2000);
+    /// Write a step line to metrics.jsonl every this many steps.
+    log_every: one usize = 50;
+    /// Word-embedding size (text).
+    #[serde(default)]
+    embed_dim: one usize = 0;
+    /// Decoder dropout probability in training (text).
+    #[serde(default)]
+    dropout: one f64 = 0.0;
+    /// Vocabulary size cap, <unk> <s> </s> included (text; default: every train word).
+    #[serde(default)]
+    max_vocab: opt usize = None;
+    /// Drop train sentences with more words than this (text).
+    #[serde(default)]
+    max_len: one usize = 0;
+    /// Noise of the outer loss of vae-svi/savae: fresh (independent of the refinement's
+    /// draws) or same (the draws the posteriors were refined on; biased upward).
+    #[serde(default = "same_noise")]
+    #[arg(value_enum)]
+    outer_noise: one OuterNoise = OuterNoise::Fresh;
+    /// Start from the model weights of this checkpoint (same data set and architecture;
+    /// Adam starts fresh and the epochs count from 0), e.g. to refine a trained VAE into
+    /// an SA-VAE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    init_from: opt String = None;
+    /// What trains the encoder of --model savae: refined (the loss at the refined λ*,
+    /// through λ0: SA-VAE) or amortized (its own ELBO at λ0, as vae-svi does).
+    #[serde(default = "refined_encoder")]
+    #[arg(value_enum)]
+    encoder_loss: one EncoderLoss = EncoderLoss::Refined;
+}
+
+/// Runs written before `encoder_loss` existed trained through the refinement.
+fn refined_encoder() -> EncoderLoss {
+    EncoderLoss::Refined
+}
+
+/// Runs written before `outer_noise` existed used the refinement's own draws.
+fn same_noise() -> OuterNoise {
+    OuterNoise::Same
+}
+
+fn default_stationarity_tol() -> f64 {
+    1.0
+}
+
+impl TrainConfig {
+    /// The defaults for `dataset`: the MNIST MLP above, or for text a one-layer LSTM VAE
+    /// small enough to train on a CPU (SA-VAE's settings otherwise: batch 32, β from 0.1
+    /// to 1 over 10 epochs, gradient clip 5, decoder dropout 0.5).
+    pub fn defaults_for(dataset: &str) -> Self {
+        let base = Self {
+            dataset: dataset.to_string(),
+            ..Self::default()
+        };
+        if !savae_data::DataSpec::parse(dataset).is_ok_and(|d| d.is_text()) {
+            return base;
+        }
+        Self {
+            epochs: 20,
+            batch_size: 32,
+            latent_dim: 32,
+            hidden: vec![256],
+            embed_dim: 256,
+            dropout: 0.5,
+            kl_warmup_epochs: 10,
+            valid_examples: None,
+            max_len: 50,
+            log_every: 100,
+            ..base
+        }
+    }
+
+    pub fn is_text(&self) -> bool {
+        savae_data::DataSpec::parse(&self.dataset).is_ok_and(|d| d.is_text())
+    }
+}
+
+impl TrainOverrides {
+    /// Reads a TOML file of overrides (keys: the setting names).
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read settings file {}", path.display()))?;
+        toml::from_str(&text)
+            .with_context(|| format!("settings file {} is not valid", path.display()))
+    }
+}
+
+impl TrainConfig {
+    /// Checks every value; an error names the setting ([`SettingError`]).
+    pub fn validate(&self) -> Result<(), SettingError> {
+        let spec = savae_data::DataSpec::parse(&self.dataset).map_err(|e| SettingError {
+            setting: "dataset",
+            problem: format!("{:?}: {e:#}", self.dataset),
+        })?;
+        let text = spec.is_text();
+        let model = self.model;
+        require(
+            model != ModelKind::Lm || text,
+            "model",
+            "lm is the language-model baseline of text data sets: use the data set ptb or text:DIR",
+        )?;
+        if text {
+            require(
+                self.embed_dim > 0,
+                "embed_dim",
+                "must be at least 1 for text (got 0)",
+            )?;
+            require(
+                self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout),
+                "dropout",
+                format!("must be in [0, 1) (got {})", self.dropout),
+            )?;
+            require(self.max_len > 0, "max_len", "must be at least 1 (got 0)")?;
+            require(
+                !self.max_vocab.is_some_and(|v| v < 4),
+                "max_vocab",
+                "must be at least 4 (<unk>, <s>, </s> and one word)",
+            )?;
+            require(
+                self.hidden.len() == 1,
+                "hidden",
+                format!("of a text model is one LSTM size (got {:?})", self.hidden),
+            )?;
+        }
+        require(self.epochs > 0, "epochs", "must be at least 1")?;
+        require(
+            self.batch_size > 0,
+            "batch_size",
+            "must be at least 1 (got 0)",
+        )?;
+        require(
+            self.latent_dim > 0,
+            "latent_dim",
+            "must be at least 1 (got 0)",
+        )?;
+        require(
+            !self.hidden.is_empty() && !self.hidden.contains(&0),
+            "hidden",
+            format!("needs one or more positive sizes (got {:?})", self.hidden),
+        )?;
+        for (name, v) in [("lr", self.lr), ("svi_lr", self.svi_lr)] {
+            require(
+                v.is_finite() && v > 0.0,
+                name,
+                format!("must be a positive number (got {v})"),
+            )?;
+        }
+        for (name, v) in [
+            ("prox", self.prox),
+            ("cg_tol", self.cg_tol),
+            ("cg_damping", self.cg_damping),
+            ("stationarity_tol", self.stationarity_tol),
+            ("svi_tol", self.svi_tol),
+            ("max_grad_norm", self.max_grad_norm),
+        ] {
+            require(
+                v.is_finite() && v >= 0.0,
+                name,
+                format!("must be a non-negative number (got {v})"),
+            )?;
+        }
+        require(
+            self.kl_start.is_finite() && (0.0..=1.0).contains(&self.kl_start),
+            "kl_start",
+            format!("must be in [0, 1] (got {})", self.kl_start),
+        )?;
+        require(self.samples > 0, "samples", "must be at least 1")?;
+        let savae = model == ModelKind::Savae;
+        require(
+            !(savae && self.grad == GradientKind::Implicit && self.cg_iters == 0),
+            "cg_iters",
+            "must be at least 1 for the implicit gradient",
+        )?;
+        require(
+            !(savae && self.grad == GradientKind::Unrolled && self.svi_optimizer != SviMethod::Sgd),
+            "svi_optimizer",
+            "must be sgd for the unrolled gradient, which differentiates SGD with momentum",
+        )?;
+        require(
+            !(matches!(model, ModelKind::Svi | ModelKind::Savae) && self.svi_steps == 0),
+            "svi_steps",
+            format!("must be at least 1 for the model {model}"),
+        )?;
+        require(self.log_every > 0, "log_every", "must be at least 1")?;
+        require(
+            self.max_train_examples != Some(0),
+            "max_train_examples",
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
+    /// KL weight β at `epoch` (0-based): linear from kl_start to 1 over the warm-up.
+    pub fn beta(&self, epoch: usize) -> f64 {
+        if self.kl_warmup_epochs == 0 {
+            return 1.0;
+        }
+        let t = (epoch as f64 / self.kl_warmup_epochs as f64).min(1.0);
+        self.kl_start + (1.0 - self.kl_start) * t
+    }
+
+    /// The architecture; `vocab_size` is the corpus vocabulary's size (0 for images).
+    pub fn model_config(&self, vocab_size: usize) -> savae_model::ModelConfig {
+        let text = vocab_size > 0;
+        savae_model::ModelConfig {
+            kind: self.model,
+            latent_dim: self.latent_dim,
+            hidden: self.hidden.clone(),
+            activation: self.activation,
+            input_dim: if text { 0 } else { savae_data::PIXELS },
+            vocab_size,
+            embed_dim: if text { self.embed_dim } else { 0 },
+            dropout: if text { self.dropout } else { 0.0 },
+        }
+    }
+
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype.dtype()
+    }
+
+    /// The refinement of this run.
+    pub fn svi_config(&self) -> savae_inference::SviConfig {
+        savae_inference::SviConfig {
+            steps: self.svi_steps,
+            optimizer: self.svi_optimizer.with_lr(self.svi_lr),
+            prox: self.prox,
+            tol: self.svi_tol,
+            batch_size: self.batch_size,
+        }
+    }
+
+    /// The training mode: the model and, for SA-VAE, how its gradient is taken.
+    pub fn mode(&self) -> crate::step::Mode {
+        use crate::step::{ImplicitGradient, Mode, SavaeGradient};
+        match self.model {
+            ModelKind::Lm => Mode::Lm,
+            ModelKind::Vae => Mode::Vae,
+            ModelKind::Svi => Mode::Svi,
+            ModelKind::VaeSvi => Mode::VaeSvi,
+            ModelKind::Savae => Mode::Savae {
+                gradient: match self.grad {
+                    GradientKind::Unrolled => SavaeGradient::Unrolled,
+                    GradientKind::Implicit => SavaeGradient::Implicit(ImplicitGradient {
+                        solve: savae_implicit::ShiftedSolve {
+                            cg: savae_implicit::CgConfig {
+                                max_iters: self.cg_iters,
+                                tol: self.cg_tol,
+                            },
+                            damping: self.cg_damping,
+                            retries: self.cg_retries,
+                        },
+                        hvp: self.hvp,
+                        stationarity_tol: self.stationarity_tol,
+                    }),
+                },
+                encoder_loss: self.encoder_loss,
+            },
+        }
+    }
+
+    /// The step settings at KL weight `beta`.
+    pub fn step_config(&self, beta: f64) -> crate::step::StepConfig {
+        crate::step::StepConfig {
+            mode: self.mode(),
+            beta,
+            svi: self.svi_config(),
+        }
+    }
+}
