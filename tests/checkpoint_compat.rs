@@ -49,7 +49,7 @@ fn a_checkpoint_of_the_previous_trainer_resumes_to_the_same_bits() {
     let opts = trainer.options().clone();
     let err = Trainer::resume(opts, &[&other]).err().unwrap().to_string();
     assert!(
-        err.contains("latent_dim") && err.contains("contradict"),
+        err.contains("latent_dim") && err.contains("contradicts"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -445,7 +445,7 @@ impl Trainer {
         let diff = config_diff(&ck.meta.config, &cfg);
         if !diff.is_empty() {
             bail!(
-                "cannot resume {}: the new settings contradict the checkpoint:\n  {}\n(only {} \
+                "cannot resume {}: what was asked contradicts the checkpoint:\n  {}\n(only {} \
                  may change on resume)",
                 opts.run_dir.display(),
                 diff.join("\n  "),
