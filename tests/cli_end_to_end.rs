@@ -390,7 +390,7 @@ fn init_from_starts_from_the_checkpoint_and_refuses_what_does_not_fit() {
         ),
         (
             &["--init-from", start_s, "--dataset", "mnist-dynamic"],
-            &["--init-from", "--dataset mnist,"],
+            &["--init-from", "dataset mnist,", "dataset mnist-dynamic"],
         ),
     ];
     for (extra, wanted) in cases {

@@ -401,7 +401,7 @@ fn load_init(path: &Path, cfg: &TrainConfig) -> Result<Checkpoint> {
         .with_context(|| format!("init_from {}: not a loadable checkpoint", path.display()))?;
     if ck.meta.dataset != cfg.dataset {
         bail!(
-            "init_from {}: it was trained on the data set {}, this run is on {}",
+            "init_from {}: it was trained on dataset {}, this run is on dataset {}",
             path.display(),
             ck.meta.dataset,
             cfg.dataset
