@@ -245,7 +245,7 @@ impl TrainConfig {
             )?;
             require(self.max_len > 0, "max_len", "must be at least 1 (got 0)")?;
             require(
-                !self.max_vocab.is_some_and(|v| v < 4),
+                self.max_vocab.is_none_or(|v| v >= 4),
                 "max_vocab",
                 "must be at least 4 (<unk>, <s>, </s> and one word)",
             )?;

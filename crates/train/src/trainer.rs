@@ -727,7 +727,7 @@ impl Trainer {
                 seconds: ts.elapsed().as_secs_f64(),
                 examples: idx.len(),
                 tokens,
-                log: self.state.step % cfg.log_every as u64 == 0 || bi + 1 == nb,
+                log: self.state.step.is_multiple_of(cfg.log_every as u64) || bi + 1 == nb,
             })?;
         }
         self.finish_epoch(obs, beta, te)?;
