@@ -200,7 +200,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let dev = crate::device::resolve(&a.device)?;
     savae_implicit::ensure_second_order()?;
     let base = TrainConfig::defaults_for(&a.dataset);
-    base.validate().map_err(crate::flags::setting_error)?;
+    base.validate()?;
     let text = base.is_text();
     let corpus = savae_train::batch::Corpus::load(
         &a.dataset,

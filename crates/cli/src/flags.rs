@@ -10,27 +10,13 @@ pub fn flag(setting: &str) -> String {
     format!("--{}", setting.replace('_', "-"))
 }
 
-/// A library [`SettingError`] worded with its flag.
-pub fn setting_error(e: SettingError) -> anyhow::Error {
-    anyhow::anyhow!("{} {}", flag(e.setting), e.problem)
-}
-
-/// An error's chain as one line, `a: b: c`, with every [`SettingError`] in it, and every
-/// message that starts with a setting's name (`init_from X: …`), worded with its flag.
+/// An error's chain as one line, `a: b: c`, with every [`SettingError`] in it worded
+/// with its flag.
 pub fn render(e: &anyhow::Error) -> String {
     e.chain()
         .map(|c| match c.downcast_ref::<SettingError>() {
             Some(s) => format!("{} {}", flag(s.setting), s.problem),
-            None => {
-                let msg = c.to_string();
-                let named = savae_train::config::SETTING_NAMES
-                    .iter()
-                    .find(|n| msg.starts_with(&format!("{n} ")));
-                match named {
-                    Some(n) => format!("{}{}", flag(n), &msg[n.len()..]),
-                    None => msg,
-                }
-            }
+            None => c.to_string(),
         })
         .collect::<Vec<_>>()
         .join(": ")

@@ -52,9 +52,6 @@ macro_rules! settings {
                 $( if let Some(v) = &self.$name { settings!(@set $kind cfg.$name, v); } )*
             }
         }
-
-        /// The names of every setting, in declaration order.
-        pub const SETTING_NAMES: &[&str] = &[$(stringify!($name)),*];
     };
     (@ty one $ty:ty) => { $ty };
     (@ty opt $ty:ty) => { Option<$ty> };

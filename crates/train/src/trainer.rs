@@ -14,8 +14,8 @@ use crate::batch::{self, Corpus, Dropout, SplitData};
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, RngState, FORMAT_VERSION};
 use crate::config::{TrainConfig, TrainOverrides};
 use crate::eval::{evaluate, EvalOptions, EvalReport};
-use crate::options::{GradientKind, ModelKind, OuterNoise};
-use crate::step::{train_step_outer, CgStats, StepOutput, SviStats};
+use crate::options::{GradientKind, ModelKind, OuterNoise, SettingError};
+use crate::step::{train_step_outer, StepOutput};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Var};
 use savae_data::{epoch_order, Stream};
@@ -205,15 +205,6 @@ pub struct StepRecord<'a> {
     pub log: bool,
 }
 
-impl StepRecord<'_> {
-    pub fn svi(&self) -> Option<&SviStats> {
-        self.output.svi.as_ref()
-    }
-    pub fn cg(&self) -> Option<&CgStats> {
-        self.output.cg.as_ref()
-    }
-}
-
 /// A batch skipped for a non-finite loss or gradient.
 #[derive(Debug, Clone)]
 pub struct SkipRecord {
@@ -395,17 +386,27 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
+/// A [`SettingError`] of the `init_from` checkpoint at `path`.
+fn init_error(path: &Path, problem: impl std::fmt::Display) -> anyhow::Error {
+    SettingError {
+        setting: "init_from",
+        problem: format!("{}: {problem}", path.display()),
+    }
+    .into()
+}
+
 /// The `init_from` checkpoint, checked to be of the same data set.
 fn load_init(path: &Path, cfg: &TrainConfig) -> Result<Checkpoint> {
     let ck = checkpoint::load(path)
-        .with_context(|| format!("init_from {}: not a loadable checkpoint", path.display()))?;
+        .map_err(|e| init_error(path, format!("not a loadable checkpoint: {e:#}")))?;
     if ck.meta.dataset != cfg.dataset {
-        bail!(
-            "init_from {}: it was trained on dataset {}, this run is on dataset {}",
-            path.display(),
-            ck.meta.dataset,
-            cfg.dataset
-        );
+        return Err(init_error(
+            path,
+            format!(
+                "it was trained on dataset {}, this run is on dataset {}",
+                ck.meta.dataset, cfg.dataset
+            ),
+        ));
     }
     Ok(ck)
 }
@@ -508,15 +509,17 @@ impl Trainer {
         if let Some((p, ck)) = &init_from {
             let diff = architecture_diff(&ck.meta.model, &model_config);
             if !diff.is_empty() {
-                bail!(
-                    "init_from {}: its architecture differs from the configured one: {}; use \
-                     the same architecture settings",
-                    p.display(),
-                    diff.join(", ")
-                );
+                return Err(init_error(
+                    p,
+                    format!(
+                        "its architecture differs from the configured one: {}; use the same \
+                         architecture settings",
+                        diff.join(", ")
+                    ),
+                ));
             }
             ck.load_into(&model, p)
-                .with_context(|| format!("init_from {}", p.display()))?;
+                .map_err(|e| init_error(p, format!("{e:#}")))?;
             notes.push(format!(
                 "starting from the weights of {} ({} after {} epochs)",
                 p.display(),
