@@ -268,6 +268,17 @@ fn without_cuda_the_cuda_device_is_a_clear_error() {
     );
 }
 
+/// The JSON report stored as the metadata of a gradcheck `--out` file.
+fn gradcheck_meta(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta
+        .metadata()
+        .clone()
+        .expect("gradcheck output has metadata");
+    serde_json::from_str(&meta["gradcheck"]).unwrap()
+}
+
 #[test]
 fn gradcheck_passes_on_a_small_fresh_model() {
     let d = tmpdir("gradcheck");
@@ -286,18 +297,93 @@ fn gradcheck_passes_on_a_small_fresh_model() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["pass"], true, "{v}");
     assert!(v["rel_err_implicit_vs_fd"].as_f64().unwrap() < 1e-6);
+    assert!(v["rel_err_implicit_vs_unrolled"].as_f64().unwrap() < 1e-6);
+    // The step came from the curvature, and every setting is recorded.
+    let s = &v["settings"];
+    assert_eq!(s["svi"]["lr_from"], "curvature", "{s}");
+    let l = v["curvature_at_lambda0"]["largest_eigenvalue"][0]
+        .as_f64()
+        .unwrap();
+    assert!(l > 5.0, "γI − H has eigenvalues ≥ γ − ‖H‖: {l}");
+    assert_eq!(s["outer_noise"], "fresh", "the training default: {s}");
+    for k in [
+        "model",
+        "dataset",
+        "split",
+        "batch_indices",
+        "seed",
+        "beta",
+        "loss",
+        "cg_max_iters",
+        "cg_tol",
+        "hvp",
+        "encoder_loss",
+        "stationarity_tol",
+        "tol",
+    ] {
+        assert!(!s[k].is_null(), "settings lack {k}: {s}");
+    }
+    assert!(v["refinement_implicit"]["steps"].as_u64().unwrap() < 1500);
+    assert_eq!(v["refinement_unrolled"]["steps"], 1500);
     let bytes = std::fs::read(&out_file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for k in [
         "batch_indices",
+        "images",
         "eps",
+        "outer_eps",
         "lambda0",
         "lambda_star",
+        "decoder.layers.0.weight",
         "grad.implicit.decoder.layers.0.weight",
         "grad.unrolled.encoder.layers.1.bias",
     ] {
         assert!(st.tensor(k).is_ok(), "gradcheck output lacks {k}");
     }
+    assert_eq!(st.tensor("images").unwrap().shape(), &[2, 784]);
+    assert_eq!(gradcheck_meta(&out_file), v, "the file carries the report");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A check that fails says why and what to change, and its output file is marked.
+#[test]
+fn gradcheck_failures_are_explained_and_marked() {
+    let d = tmpdir("gradcheck-fail");
+    let out_file = d.join("grads.safetensors");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "gradcheck",
+            "--examples",
+            "2",
+            "--fd-params",
+            "2",
+            "--outer-noise",
+            "same",
+            "--out",
+            out_file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = savae(&args);
+        assert!(!out.status.success());
+        let v: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        assert_eq!(v["pass"], false, "{v}");
+        assert_eq!(gradcheck_meta(&out_file)["pass"], false);
+        assert_eq!(v["settings"]["outer_noise"], "same");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    // Too few steps: not stationary, and the implicit gradient is off.
+    let err = run(&["--svi-steps", "20"]);
+    assert!(
+        err.contains("not stationary") && err.contains("raise --svi-steps"),
+        "{err}"
+    );
+    // A step far above 3/L: the refinement diverges.
+    let err = run(&["--svi-steps", "300", "--svi-lr", "0.5"]);
+    assert!(
+        err.contains("diverged") && err.contains("lower --svi-lr") && err.contains("non-finite"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

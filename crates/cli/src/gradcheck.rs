@@ -1,54 +1,79 @@
 //! `savae gradcheck`: the SA-VAE parameter gradient three ways, in f64, on a few images.
 //!
-//! (a) implicit (CG on exact HVPs at the converged optimum), (b) unrolled through many
-//! SGD steps, (c) central finite differences of the whole pipeline (refine to
-//! convergence, then the loss) on a seeded random subset of parameters. Prints JSON with
-//! the relative errors and exits non-zero when any exceeds `--tol`.
+//! (a) implicit (CG on exact HVPs at the converged optimum), (b) unrolled through every
+//! SGD step, (c) central finite differences of the whole pipeline (refine to
+//! convergence, then the loss) on a seeded random subset of parameters. Prints one JSON
+//! object — every setting, the steps taken, the errors, `pass` and, when it fails, why —
+//! and exits non-zero when the check fails.
+//!
+//! The SGD step defaults to 1/L, L the largest eigenvalue of the inner objective's
+//! Hessian γI − H at λ0 (power iteration on exact HVPs): SGD with momentum 0.5 is stable
+//! below 3/L, and a fixed step that suits a fresh model diverges on a trained one
+//! (L ≈ 100–250 on `checkpoints/mnist-vae.safetensors`).
 
 use crate::data_dir;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
-use savae_implicit::{CgConfig, HvpKind, ShiftedSolve};
-use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{ModelConfig, Noise, Vae};
-use savae_train::checkpoint;
-use savae_train::options::{Activation, EncoderLoss, ModelKind};
-use savae_train::step::{
-    train_step, ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput,
+use savae_implicit::{
+    row_dot, row_norms, value_and_grad, BatchedOperator, CgConfig, ExactHvp, HvpKind,
+    ShiftedNegHessian, ShiftedSolve,
 };
+use savae_inference::{SviConfig, SviOptimizer};
+use savae_model::{elbo, ModelConfig, Noise, Vae};
+use savae_train::checkpoint;
+use savae_train::options::{Activation, EncoderLoss, ModelKind, OuterNoise};
+use savae_train::step::{
+    train_step_outer, ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput,
+};
+use serde::Serialize;
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct GradcheckArgs {
-    /// Use this trained model instead of a small fresh one.
+    /// Check this trained model (with an encoder) instead of a small fresh one.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Test images (spread over the class-sorted test file).
+    /// Test images, spread evenly over the (class-sorted) test file.
     #[arg(long, default_value_t = 4)]
     pub examples: usize,
-    /// Parameters checked by finite differences.
+    /// Parameters checked by finite differences (a seeded random subset).
     #[arg(long, default_value_t = 12)]
     pub fd_params: usize,
-    /// Refinement steps (implicit: to convergence; unrolled: all of them).
+    /// Refinement steps (implicit: up to convergence; unrolled: all of them).
     #[arg(long, default_value_t = 3000)]
     pub svi_steps: usize,
-    /// Per-example SGD step size of the refinement.
-    #[arg(long, default_value_t = 0.02)]
-    pub svi_lr: f64,
+    /// Per-example SGD step size of the refinement [default: 1/L, L the largest
+    /// eigenvalue of γI − H at λ0].
+    #[arg(long)]
+    pub svi_lr: Option<f64>,
     /// Proximal weight γ (> 0, so that the encoder gets a gradient).
     #[arg(long, default_value_t = 5.0)]
     pub prox: f64,
+    /// The noise of the outer loss: fresh (independent draws, the training default) or
+    /// same (the refinement's draws).
+    #[arg(long, value_enum, default_value_t = OuterNoise::Fresh)]
+    pub outer_noise: OuterNoise,
+    /// What trains the encoder: refined (the loss at λ*, SA-VAE) or amortized.
+    #[arg(long, value_enum, default_value_t = EncoderLoss::Refined)]
+    pub encoder_loss: EncoderLoss,
+    /// The refinement counts as stationary when every ‖∇F_b(λ_K)‖ is below this.
+    #[arg(long, default_value_t = 1e-8)]
+    pub stationarity_tol: f64,
     /// Largest relative error accepted.
     #[arg(long, default_value_t = 1e-6)]
     pub tol: f64,
-    /// Write the batch, ε, λ0, λ* and every gradient to this safetensors file.
+    /// Write the images, ε, λ0, λ*, the parameters and every gradient to this
+    /// safetensors file, with the JSON report as its metadata (written also when the
+    /// check fails, marked `"pass": false`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Seed of the fresh model, the binarization, the noise and the parameter subset.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The folder holding mnist/ and ptb/ [default: the shipped data/].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// cpu | cuda | cuda:N (the check runs in f64 on that device).
@@ -56,64 +81,81 @@ pub struct GradcheckArgs {
     pub device: String,
 }
 
-fn flat(ts: &[Tensor]) -> Result<Vec<f64>> {
-    let mut v = Vec::new();
-    for t in ts {
-        v.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
-    }
-    Ok(v)
+/// Every setting of a check: with the checkpoint (or the seed of the fresh model) and
+/// the data, enough to rebuild it.
+#[derive(Debug, Clone, Serialize)]
+struct Settings {
+    checkpoint: Option<String>,
+    model: ModelConfig,
+    dataset: String,
+    split: &'static str,
+    batch_indices: Vec<usize>,
+    seed: u64,
+    dtype: &'static str,
+    beta: f64,
+    /// What the gradient is of.
+    loss: &'static str,
+    noise_samples: usize,
+    outer_noise: OuterNoise,
+    encoder_loss: EncoderLoss,
+    svi: SviSettings,
+    cg_max_iters: usize,
+    cg_tol: f64,
+    cg_damping: f64,
+    cg_retries: usize,
+    hvp: HvpKind,
+    finite_differences: &'static str,
+    fd_params: usize,
+    stationarity_tol: f64,
+    tol: f64,
 }
 
-/// ‖a − b‖ / ‖b‖.
-pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
+#[derive(Debug, Clone, Serialize)]
+struct SviSettings {
+    optimizer: &'static str,
+    lr: f64,
+    /// "curvature" (1/L at λ0) or "flag".
+    lr_from: &'static str,
+    momentum: f64,
+    /// Per-example gradient clipping (none: the exact SGD path).
+    clip: Option<f64>,
+    steps: usize,
+    prox: f64,
+    /// The implicit path's early stop (the unrolled path takes every step).
+    early_stop_tol: f64,
 }
+
+/// The curvature of the inner objective −F at λ0, by power iteration.
+#[derive(Debug, Clone, Serialize)]
+struct Curvature {
+    /// Per example, the largest-magnitude eigenvalue of γI − H at λ0.
+    largest_eigenvalue: Vec<f64>,
+    iterations: usize,
+}
+
+const LOSS: &str = "L = -(1/B) sum_b ELBO_beta(lambda*_b; theta), one draw per example; \
+                    gradients of L w.r.t. every parameter";
+const FD_RULE: &str = "central, h = 1e-5 * max(1, |theta_i|), the refinement rerun to \
+                       convergence at theta +- h";
 
 pub fn run(a: GradcheckArgs) -> Result<()> {
     savae_implicit::ensure_second_order()?;
-    if a.examples == 0 || a.svi_steps == 0 || a.prox <= 0.0 {
-        bail!("--examples and --svi-steps must be at least 1 and --prox positive");
+    if a.examples == 0 {
+        bail!("--examples must be at least 1");
+    }
+    if a.svi_steps == 0 {
+        bail!("--svi-steps must be at least 1");
+    }
+    if a.prox.is_nan() || a.prox <= 0.0 {
+        bail!("--prox must be positive (got {})", a.prox);
+    }
+    if let Some(lr) = a.svi_lr {
+        if lr.is_nan() || lr <= 0.0 {
+            bail!("--svi-lr must be positive (got {lr})");
+        }
     }
     let dev = crate::device::resolve(&a.device)?;
-    let (model, dataset) = match &a.checkpoint {
-        Some(p) => {
-            let ck = checkpoint::load(p)?;
-            if !ck.meta.model.has_encoder() {
-                bail!(
-                    "{}: gradcheck needs a model with an encoder (not --model svi)",
-                    p.display()
-                );
-            }
-            (ck.model(p, DType::F64, &dev)?, ck.meta.dataset.clone())
-        }
-        None => {
-            let cfg = ModelConfig {
-                kind: ModelKind::Savae,
-                latent_dim: 4,
-                hidden: vec![32],
-                activation: Activation::Softplus,
-                input_dim: savae_data::PIXELS,
-                vocab_size: 0,
-                embed_dim: 0,
-                dropout: 0.0,
-            };
-            (
-                Vae::new(&cfg, a.seed, DType::F64, &dev)?,
-                "mnist".to_string(),
-            )
-        }
-    };
+    let (model, dataset) = load_model(&a, &dev)?;
     let data = savae_data::ImageData::load(
         savae_data::DatasetKind::parse(&dataset)?,
         &data_dir(a.data_dir.as_ref()),
@@ -123,37 +165,93 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         .map(|i| (i * n / a.examples + 7) % n)
         .collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let x = savae_model::Batch::Images(savae_train::batch::images(
-        &data.test,
-        &idx,
-        &mut rng,
-        DType::F64,
-        &dev,
-    )?);
-    let eps =
-        savae_train::batch::noise(&mut rng, 1, idx.len(), model.latent_dim(), DType::F64, &dev)?;
-    let implicit = SavaeGradient::Implicit(ImplicitGradient {
-        solve: ShiftedSolve {
-            cg: CgConfig {
-                max_iters: 500,
-                tol: 1e-12,
-            },
-            damping: 0.0,
-            retries: 3,
+    let images = savae_train::batch::images(&data.test, &idx, &mut rng, DType::F64, &dev)?;
+    let x = savae_model::Batch::Images(images.clone());
+    let d = model.latent_dim();
+    let eps = savae_train::batch::noise(&mut rng, 1, idx.len(), d, DType::F64, &dev)?;
+    let outer_eps = match a.outer_noise {
+        OuterNoise::Fresh => Some(savae_train::batch::noise(
+            &mut rng,
+            1,
+            idx.len(),
+            d,
+            DType::F64,
+            &dev,
+        )?),
+        OuterNoise::Same => None,
+    };
+    let beta = 1.0;
+    let curvature = curvature_at_start(&model, &x, &eps, beta, a.prox, &mut rng)?;
+    let (lr, lr_from) = match a.svi_lr {
+        Some(lr) => (lr, "flag"),
+        None => {
+            let l = curvature
+                .largest_eigenvalue
+                .iter()
+                .fold(0.0f64, |m, v| m.max(v.abs()));
+            if !l.is_finite() || l <= 0.0 {
+                bail!("the curvature at λ0 is not finite ({l}); set --svi-lr by hand");
+            }
+            (1.0 / l, "curvature")
+        }
+    };
+    let solve = ShiftedSolve {
+        cg: CgConfig {
+            max_iters: 500,
+            tol: 1e-12,
         },
+        damping: 0.0,
+        retries: 3,
+    };
+    let settings = Settings {
+        checkpoint: a.checkpoint.as_ref().map(|p| p.display().to_string()),
+        model: model.config.clone(),
+        dataset,
+        split: "test",
+        batch_indices: idx.clone(),
+        seed: a.seed,
+        dtype: "f64",
+        beta,
+        loss: LOSS,
+        noise_samples: 1,
+        outer_noise: a.outer_noise,
+        encoder_loss: a.encoder_loss,
+        svi: SviSettings {
+            optimizer: "sgd",
+            lr,
+            lr_from,
+            momentum: 0.5,
+            clip: None,
+            steps: a.svi_steps,
+            prox: a.prox,
+            early_stop_tol: 1e-11,
+        },
+        cg_max_iters: solve.cg.max_iters,
+        cg_tol: solve.cg.tol,
+        cg_damping: solve.damping,
+        cg_retries: solve.retries,
         hvp: HvpKind::Exact,
+        finite_differences: FD_RULE,
+        fd_params: a.fd_params,
+        stationarity_tol: a.stationarity_tol,
+        tol: a.tol,
+    };
+    let implicit = SavaeGradient::Implicit(ImplicitGradient {
+        solve,
+        hvp: HvpKind::Exact,
+        // Diagnosed below rather than replaced by the fallback.
         stationarity_tol: f64::INFINITY,
     });
     let cfg = |gradient: SavaeGradient| StepConfig {
         mode: Mode::Savae {
             gradient,
-            encoder_loss: EncoderLoss::Refined,
+            encoder_loss: a.encoder_loss,
         },
-        beta: 1.0,
+        beta,
         svi: SviConfig {
             steps: a.svi_steps,
             optimizer: SviOptimizer::Sgd {
-                lr: a.svi_lr,
+                lr,
                 momentum: 0.5,
                 clip: f64::INFINITY,
             },
@@ -161,18 +259,14 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
             tol: if gradient == SavaeGradient::Unrolled {
                 0.0
             } else {
-                1e-11
+                settings.svi.early_stop_tol
             },
             batch_size: 1,
         },
     };
-    let imp = train_step(&model, &x, &eps, &cfg(implicit))?;
-    let unr = train_step(&model, &x, &eps, &cfg(SavaeGradient::Unrolled))?;
-    let gnorm = imp
-        .svi
-        .as_ref()
-        .map(|s| s.final_grad_norm_max)
-        .unwrap_or(f64::NAN);
+    let step = |gradient| train_step_outer(&model, &x, &eps, outer_eps.as_ref(), &cfg(gradient));
+    let imp = step(implicit)?;
+    let unr = step(SavaeGradient::Unrolled)?;
     let gi = flat(&imp.grads)?;
     let gu = flat(&unr.grads)?;
     // Finite differences on a random subset of parameters.
@@ -199,7 +293,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
             let mut w = base.clone();
             w[off] += delta;
             var.set(&Tensor::from_vec(w, var.shape(), &dev)?)?;
-            Ok(train_step(&model, &x, &eps, &cfg(implicit))?.loss)
+            Ok(step(implicit)?.loss)
         };
         let d = (loss_at(h)? - loss_at(-h)?) / (2.0 * h);
         var.set(&Tensor::from_vec(base, var.shape(), &dev)?)?;
@@ -208,60 +302,286 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     }
     let gi_p: Vec<f64> = picks.iter().map(|&p| gi[p]).collect();
     let gu_p: Vec<f64> = picks.iter().map(|&p| gu[p]).collect();
-    let e_if = rel_err(&gi_p, &fd);
-    let e_uf = rel_err(&gu_p, &fd);
-    let e_iu = rel_err(&gi, &gu);
-    let pass = e_if <= a.tol && e_uf <= a.tol && e_iu <= a.tol;
+    let errors = Errors {
+        implicit_vs_fd: rel_err(&gi_p, &fd),
+        unrolled_vs_fd: rel_err(&gu_p, &fd),
+        implicit_vs_unrolled: rel_err(&gi, &gu),
+    };
+    let finite = [&gi, &gu, &fd]
+        .iter()
+        .all(|v| v.iter().all(|x| x.is_finite()))
+        && imp.loss.is_finite();
+    let problems = diagnose(&settings, &imp, &unr, &errors, finite);
+    let pass = problems.is_empty();
+    let svi_of = |o: &StepOutput| o.svi.clone();
     let report = json!({
-        "examples": idx.len(), "batch_indices": idx, "dtype": "f64",
-        "model": model.config, "svi_steps": a.svi_steps, "prox": a.prox,
-        "final_inner_grad_norm_max": gnorm,
-        "rel_err_implicit_vs_fd": e_if, "rel_err_unrolled_vs_fd": e_uf,
-        "rel_err_implicit_vs_unrolled": e_iu, "fd_params": checked,
-        "cg": imp.cg, "tol": a.tol, "pass": pass, "device": crate::device::name(&dev),
+        "pass": pass,
+        "problems": problems,
+        "rel_err_implicit_vs_fd": errors.implicit_vs_fd,
+        "rel_err_unrolled_vs_fd": errors.unrolled_vs_fd,
+        "rel_err_implicit_vs_unrolled": errors.implicit_vs_unrolled,
+        "all_finite": finite,
+        "loss": imp.loss,
+        "examples": idx.len(),
+        "refinement_implicit": svi_of(&imp),
+        "refinement_unrolled": svi_of(&unr),
+        "final_inner_grad_norm_max": imp.svi.as_ref().map(|s| s.final_grad_norm_max),
+        "cg": imp.cg,
+        "curvature_at_lambda0": curvature,
+        "fd_params": checked,
+        "settings": settings,
+        "device": crate::device::name(&dev),
     });
     println!("{report}");
     if let Some(out) = &a.out {
-        write_out(out, &model, &idx, &eps, &imp, &unr)?;
+        let tensors = Outputs {
+            images: &images,
+            idx: &idx,
+            eps: &eps,
+            outer_eps: outer_eps.as_ref(),
+            imp: &imp,
+            unr: &unr,
+        };
+        write_out(out, &model, &tensors, &report)
+            .with_context(|| format!("--out {}", out.display()))?;
     }
     if !pass {
-        bail!(
-            "gradient check failed: a relative error exceeds --tol {}",
-            a.tol
-        );
+        bail!("gradient check failed:\n  - {}", problems.join("\n  - "));
     }
     Ok(())
 }
 
-fn write_out(
-    path: &std::path::Path,
+fn load_model(a: &GradcheckArgs, dev: &Device) -> Result<(Vae, String)> {
+    match &a.checkpoint {
+        Some(p) => {
+            let ck = checkpoint::load(p)?;
+            if !ck.meta.model.has_encoder() {
+                bail!(
+                    "{}: gradcheck needs a model with an encoder (this one is {})",
+                    p.display(),
+                    ck.meta.model.kind
+                );
+            }
+            if ck.meta.dataset == "ptb" {
+                bail!(
+                    "{}: gradcheck checks image models (this one is trained on {})",
+                    p.display(),
+                    ck.meta.dataset
+                );
+            }
+            Ok((ck.model(p, DType::F64, dev)?, ck.meta.dataset.clone()))
+        }
+        None => {
+            let cfg = ModelConfig {
+                kind: ModelKind::Savae,
+                latent_dim: 4,
+                hidden: vec![32],
+                activation: Activation::Softplus,
+                input_dim: savae_data::PIXELS,
+                vocab_size: 0,
+                embed_dim: 0,
+                dropout: 0.0,
+            };
+            Ok((
+                Vae::new(&cfg, a.seed, DType::F64, dev)?,
+                "mnist".to_string(),
+            ))
+        }
+    }
+}
+
+/// Per example, the largest-magnitude eigenvalue of γI − H_f(λ0) (the Hessian of the
+/// minimized inner objective −F), by 50 power iterations on exact HVPs.
+fn curvature_at_start(
     model: &Vae,
-    idx: &[usize],
+    x: &savae_model::Batch,
     eps: &Noise,
+    beta: f64,
+    prox: f64,
+    rng: &mut impl Rng,
+) -> Result<Curvature> {
+    const ITERS: usize = 50;
+    let lambda0 = model.encode(x)?.0.detach();
+    let decoder = model.decoder.detached();
+    let vg = value_and_grad(
+        |l| {
+            Ok(elbo(
+                &decoder,
+                x,
+                &savae_model::VariationalParams(l.clone()),
+                eps,
+                beta,
+            )?
+            .elbo)
+        },
+        &lambda0,
+    )?;
+    let hvp = ExactHvp {
+        lambda: vg.lambda,
+        grad: vg.grad,
+    };
+    let op = ShiftedNegHessian {
+        hvp: &hvp,
+        shift: prox,
+    };
+    let (b, n) = lambda0.dims2()?;
+    let start: Vec<f64> = (0..b * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut v = Tensor::from_vec(start, (b, n), lambda0.device())?;
+    let mut rayleigh = vec![f64::NAN; b];
+    for _ in 0..ITERS {
+        let norms = row_norms(&v)?;
+        let inv: Vec<f64> = norms.iter().map(|x| 1.0 / x.max(1e-300)).collect();
+        v = v.broadcast_mul(&savae_implicit::column(&inv, &v)?)?;
+        let av = op.apply(&v)?;
+        rayleigh = row_dot(&v, &av)?;
+        v = av;
+    }
+    Ok(Curvature {
+        largest_eigenvalue: rayleigh,
+        iterations: ITERS,
+    })
+}
+
+struct Errors {
+    implicit_vs_fd: f64,
+    unrolled_vs_fd: f64,
+    implicit_vs_unrolled: f64,
+}
+
+/// Why a check fails, each with the fix to try; empty when it passes.
+fn diagnose(
+    s: &Settings,
     imp: &StepOutput,
     unr: &StepOutput,
-) -> Result<()> {
+    e: &Errors,
+    finite: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if !finite {
+        out.push("non-finite values (NaN or inf) in the loss or a gradient".to_string());
+    }
+    for (path, o) in [("implicit", imp), ("unrolled", unr)] {
+        if let Some(r) = &o.svi {
+            let g = r.final_grad_norm_max;
+            if r.resets > 0 {
+                out.push(format!(
+                    "the {path} path's refinement diverged for {} example(s) (reset to \
+                     lambda0): lower --svi-lr (now {:.3e}) or leave it unset to take it \
+                     from the curvature",
+                    r.resets, s.svi.lr
+                ));
+            } else if !(g <= s.stationarity_tol) {
+                out.push(format!(
+                    "the {path} path's refinement is not stationary: max_b ||grad F_b|| = \
+                     {g:.3e} > {:.1e} after {} steps; the implicit gradient holds only at \
+                     an optimum: raise --svi-steps (now {}) or lower --svi-lr (now {:.3e})",
+                    s.stationarity_tol, r.steps, s.svi.steps, s.svi.lr
+                ));
+            }
+        }
+    }
+    if let Some(cg) = &imp.cg {
+        if cg.negative_curvature > 0 {
+            out.push(format!(
+                "gamma I - H is not positive definite at lambda* for {} example(s) (CG met \
+                 negative curvature): lambda* is not a strict maximum of F; raise --prox \
+                 (now {})",
+                cg.negative_curvature, s.svi.prox
+            ));
+        }
+        if cg.max_iterations > 0 || cg.non_finite > 0 {
+            out.push(format!(
+                "the adjoint solve did not converge for {} example(s) in {} CG iterations \
+                 ({} non-finite): the system is ill-conditioned; raise --prox (now {})",
+                cg.max_iterations, s.cg_max_iters, cg.non_finite, s.svi.prox
+            ));
+        }
+    }
+    let worst = e
+        .implicit_vs_fd
+        .max(e.unrolled_vs_fd)
+        .max(e.implicit_vs_unrolled);
+    if !(worst <= s.tol) {
+        let hint = if out.is_empty() {
+            "the refinement is stationary and the solve converged, so this points at the \
+             gradient itself (or at finite differences too coarse for this model: try \
+             --fd-params on other parameters with --seed)"
+        } else {
+            "see the problems above"
+        };
+        out.push(format!(
+            "a relative error exceeds --tol {:.1e} (implicit vs fd {:.2e}, unrolled vs fd \
+             {:.2e}, implicit vs unrolled {:.2e}): {hint}",
+            s.tol, e.implicit_vs_fd, e.unrolled_vs_fd, e.implicit_vs_unrolled
+        ));
+    }
+    out
+}
+
+fn flat(ts: &[Tensor]) -> Result<Vec<f64>> {
+    let mut v = Vec::new();
+    for t in ts {
+        v.extend(t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?);
+    }
+    Ok(v)
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// The tensors of a check's `--out` file.
+struct Outputs<'a> {
+    images: &'a Tensor,
+    idx: &'a [usize],
+    eps: &'a Noise,
+    outer_eps: Option<&'a Noise>,
+    imp: &'a StepOutput,
+    unr: &'a StepOutput,
+}
+
+fn write_out(path: &Path, model: &Vae, o: &Outputs, report: &serde_json::Value) -> Result<()> {
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    let dev = Device::Cpu;
-    let eps = Noise(eps.0.to_device(&dev)?);
+    let cpu = Device::Cpu;
     t.insert(
         "batch_indices".into(),
         Tensor::from_vec(
-            idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
-            idx.len(),
-            &dev,
+            o.idx.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            o.idx.len(),
+            &cpu,
         )?,
     );
-    t.insert("eps".into(), eps.0.clone());
-    t.insert("lambda0".into(), imp.lambda0.to_device(&dev)?);
-    if let Some(l) = &imp.lambda_refined {
-        t.insert("lambda_star".into(), l.to_device(&dev)?);
+    t.insert("images".into(), o.images.to_device(&cpu)?);
+    t.insert("eps".into(), o.eps.0.to_device(&cpu)?);
+    if let Some(e) = o.outer_eps {
+        t.insert("outer_eps".into(), e.0.to_device(&cpu)?);
     }
-    for ((name, var), (gi, gu)) in model.params.iter().zip(imp.grads.iter().zip(&unr.grads)) {
-        t.insert(name.to_string(), var.as_tensor().to_device(&dev)?);
-        t.insert(format!("grad.implicit.{name}"), gi.to_device(&dev)?);
-        t.insert(format!("grad.unrolled.{name}"), gu.to_device(&dev)?);
+    t.insert("lambda0".into(), o.imp.lambda0.to_device(&cpu)?);
+    if let Some(l) = &o.imp.lambda_refined {
+        t.insert("lambda_star".into(), l.to_device(&cpu)?);
     }
-    let bytes = safetensors::serialize(t.iter().map(|(n, v)| (n.as_str(), v)), None)?;
+    for ((name, var), (gi, gu)) in model
+        .params
+        .iter()
+        .zip(o.imp.grads.iter().zip(&o.unr.grads))
+    {
+        t.insert(name.to_string(), var.as_tensor().to_device(&cpu)?);
+        t.insert(format!("grad.implicit.{name}"), gi.to_device(&cpu)?);
+        t.insert(format!("grad.unrolled.{name}"), gu.to_device(&cpu)?);
+    }
+    let meta = HashMap::from([("gradcheck".to_string(), report.to_string())]);
+    let bytes = safetensors::serialize(t.iter().map(|(n, v)| (n.as_str(), v)), Some(meta))?;
     checkpoint::write_atomic(path, &bytes)
 }
