@@ -470,7 +470,7 @@ fn diagnose(
                      from the curvature",
                     r.resets, s.svi.lr
                 ));
-            } else if !(g <= s.stationarity_tol) {
+            } else if g.is_nan() || g > s.stationarity_tol {
                 out.push(format!(
                     "the {path} path's refinement is not stationary: max_b ||grad F_b|| = \
                      {g:.3e} > {:.1e} after {} steps; the implicit gradient holds only at \
@@ -501,7 +501,7 @@ fn diagnose(
         .implicit_vs_fd
         .max(e.unrolled_vs_fd)
         .max(e.implicit_vs_unrolled);
-    if !(worst <= s.tol) {
+    if worst.is_nan() || worst > s.tol {
         let hint = if out.is_empty() {
             "the refinement is stationary and the solve converged, so this points at the \
              gradient itself (or at finite differences too coarse for this model: try \
