@@ -208,7 +208,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
         None,
         base.max_vocab,
         base.max_len,
-        false,
     )?;
     // The candidates of a timed batch: shuffled images, or sentences of one length.
     let pool: Vec<usize> = match &corpus.train {

@@ -177,6 +177,13 @@ impl Observer for CliObserver {
         for note in start.notes {
             eprintln!("savae: {note}");
         }
+        let s = start.skipped;
+        if s.empty_lines > 0 || s.too_long > 0 {
+            eprintln!(
+                "savae: {}: skipped {} empty lines and {} train sentences over --max-len {} words",
+                start.config.dataset, s.empty_lines, s.too_long, start.config.max_len
+            );
+        }
         if start.resumed {
             eprintln!(
                 "savae: resuming {} at epoch {}, batch {} (step {})",

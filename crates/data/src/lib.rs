@@ -17,4 +17,4 @@ pub mod text;
 pub use images::{DatasetKind, ImageData, ImageSplit, Split, PIXELS};
 pub use order::{batch_rng, epoch_order, SplitMix, Stream};
 pub use spec::DataSpec;
-pub use text::{TextData, TextSource, TextSplit, Vocab};
+pub use text::{LoadStats, TextData, TextSource, TextSplit, Vocab};

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 use rand_distr::StandardNormal;
 use savae_data::{
-    epoch_order, DataSpec, ImageData, ImageSplit, Split, TextData, TextSplit, Vocab, PIXELS,
+    epoch_order, DataSpec, ImageData, ImageSplit, LoadStats, Split, TextData, TextSplit, Vocab,
+    PIXELS,
 };
 use savae_model::{Batch, DropoutMasks, Noise, TokenBatch};
 use std::path::Path;
@@ -102,19 +103,20 @@ pub struct Corpus {
     pub valid: SplitData,
     pub test: SplitData,
     pub vocab: Option<Vocab>,
+    /// What loading a text corpus left out (zero for images).
+    pub skipped: LoadStats,
 }
 
 impl Corpus {
     /// Loads `--dataset` from `data_dir`. Text: the vocabulary is `vocab` when given (a
     /// checkpoint's), else built from the train split (`max_vocab`); train sentences over
-    /// `max_len` words are dropped. Skipped lines are reported on stderr when `verbose`.
+    /// `max_len` words are dropped; `skipped` counts them and the empty lines.
     pub fn load(
         dataset: &str,
         data_dir: &Path,
         vocab: Option<Vocab>,
         max_vocab: Option<usize>,
         max_len: usize,
-        verbose: bool,
     ) -> Result<Self> {
         Ok(match DataSpec::parse(dataset)? {
             DataSpec::Images(kind) => {
@@ -124,21 +126,17 @@ impl Corpus {
                     valid: SplitData::Images(d.valid),
                     test: SplitData::Images(d.test),
                     vocab: None,
+                    skipped: LoadStats::default(),
                 }
             }
             DataSpec::Text(src) => {
                 let d = TextData::load(&src, data_dir, vocab, max_vocab, max_len.max(1))?;
-                if verbose && (d.stats.empty_lines > 0 || d.stats.too_long > 0) {
-                    eprintln!(
-                        "savae: {dataset}: skipped {} empty lines and {} train sentences over --max-len {max_len} words",
-                        d.stats.empty_lines, d.stats.too_long
-                    );
-                }
                 Self {
                     train: SplitData::Text(d.train),
                     valid: SplitData::Text(d.valid),
                     test: SplitData::Text(d.test),
                     vocab: Some(d.vocab),
+                    skipped: d.stats,
                 }
             }
         })

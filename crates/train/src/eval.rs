@@ -447,7 +447,6 @@ pub fn evaluate_checkpoint(
         ck.vocab(&req.checkpoint)?,
         cfg.max_vocab,
         cfg.max_len,
-        false,
     )?;
     let mut s = data.split(req.split).clone();
     if let Some(n) = req.max_examples {

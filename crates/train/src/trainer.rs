@@ -183,6 +183,9 @@ pub struct RunStart<'a> {
     pub batches_per_epoch: usize,
     /// Things the user should know (e.g. a setting that changes what trains the encoder).
     pub notes: &'a [String],
+    /// What loading a text corpus left out: empty lines, and train sentences over
+    /// `config.max_len` words.
+    pub skipped: &'a savae_data::LoadStats,
 }
 
 /// One optimizer step, for [`Observer::on_step`].
@@ -311,6 +314,7 @@ pub struct Trainer {
     state: TrainState,
     resumed: bool,
     notes: Vec<String>,
+    skipped: savae_data::LoadStats,
 }
 
 /// The settings in which two configurations differ, outside [`RESUMABLE_CHANGES`].
@@ -490,7 +494,6 @@ impl Trainer {
             stored_vocab,
             cfg.max_vocab,
             cfg.max_len,
-            true,
         )?;
         let train = match cfg.max_train_examples {
             Some(n) if n < data.train.len() => {
@@ -555,6 +558,7 @@ impl Trainer {
             state,
             resumed,
             notes,
+            skipped: data.skipped.clone(),
         })
     }
 
@@ -610,6 +614,7 @@ impl Trainer {
             resumed: self.resumed,
             batches_per_epoch: nb,
             notes: &self.notes,
+            skipped: &self.skipped,
         })?;
         let last_path = self.opts.last_path();
         while self.state.epoch < self.cfg.epochs {
