@@ -4,17 +4,20 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 
 /// Resolves a device name. `auto` (the default) picks the first CUDA GPU when this binary
-/// was built with the `cuda` feature and one answers, else the CPU; it says which once.
+/// was built with the `cuda` feature and one answers, else the CPU. A CUDA build says
+/// which it took (a CPU-only build has no choice to report).
 pub fn resolve(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             #[cfg(feature = "cuda")]
-            if let Ok(d) = open_cuda(0) {
-                eprintln!("savae: using device cuda:0");
-                return Ok(d);
+            match open_cuda(0) {
+                Ok(d) => {
+                    eprintln!("savae: using device cuda:0");
+                    return Ok(d);
+                }
+                Err(e) => eprintln!("savae: using device cpu ({e:#})"),
             }
-            eprintln!("savae: using device cpu");
             Ok(Device::Cpu)
         }
         s if s == "cuda" || s.starts_with("cuda:") => {

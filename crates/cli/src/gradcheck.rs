@@ -489,11 +489,11 @@ fn diagnose(
                 cg.negative_curvature, s.svi.prox
             ));
         }
-        if cg.max_iterations > 0 || cg.non_finite > 0 {
+        if cg.stopped_at_cap > 0 || cg.non_finite > 0 {
             out.push(format!(
                 "the adjoint solve did not converge for {} example(s) in {} CG iterations \
                  ({} non-finite): the system is ill-conditioned; raise --prox (now {})",
-                cg.max_iterations, s.cg_max_iters, cg.non_finite, s.svi.prox
+                cg.stopped_at_cap, s.cg_max_iters, cg.non_finite, s.svi.prox
             ));
         }
     }

@@ -1,9 +1,10 @@
 //! The `savae` command line over the `savae-train` library: flags parsed to typed
 //! settings, progress bars, Ctrl-C, the metrics.jsonl writer, report drawing, sentence
 //! sampling, gradient checks, benchmarks and the fault-injection hook of the tests.
-//! `main.rs` dispatches the subcommands.
+//! `commands.rs` holds the command tree and dispatches it; `main.rs` only calls it.
 
 pub mod bench;
+pub mod commands;
 pub mod device;
 pub mod flags;
 pub mod gradcheck;

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
-use savae_train::eval::{evaluate_checkpoint, EvalRequest, Evaluated};
+use savae_train::eval::{evaluate_checkpoint, EvalRequest, Evaluated, Subset, SubsetOrder};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -26,13 +26,15 @@ pub struct ReportArgs {
     /// Report on this checkpoint instead (curves only if its folder has metrics.jsonl).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// Output folder (default RUN_DIR/report).
+    /// Output folder [default: RUN_DIR/report; with --checkpoint DIR/NAME.safetensors:
+    /// DIR/NAME-report].
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[arg(long, default_value = "valid", value_parser = crate::flags::parse_split)]
     pub split: savae_data::Split,
     #[arg(long, default_value_t = 100)]
     pub iw_samples: usize,
+    /// Examples of the split evaluated: a random sample drawn with --seed.
     #[arg(long, default_value_t = 1000)]
     pub max_examples: usize,
     #[arg(long)]
@@ -70,7 +72,34 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A line chart with title, axis labels and a legend, 900×540 pixels.
+/// Series with identical points drawn as one line whose legend names them all
+/// ("a = b"), so that none hides another.
+fn merge_equal(series: &[Series]) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    for s in series.iter().filter(|s| !s.points.is_empty()) {
+        match out.iter_mut().find(|o| o.points == s.points) {
+            Some(o) => o.name = format!("{} = {}", o.name, s.name),
+            None => out.push(Series {
+                name: s.name.clone(),
+                points: s.points.clone(),
+            }),
+        }
+    }
+    out
+}
+
+/// An axis tick: integers without a decimal point (epoch 2, not 2.0).
+fn tick(v: &f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+/// A line chart with title, axis labels and a legend, 900×540 pixels. Series with equal
+/// points share one line and one legend entry.
 pub fn line_chart(
     path: &Path,
     title: &str,
@@ -78,6 +107,7 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
+    let series = &merge_equal(series)[..];
     let pts: Vec<&(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter())
@@ -110,6 +140,8 @@ pub fn line_chart(
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
         .draw()
@@ -280,8 +312,16 @@ fn series(lines: &[&Value], name: &str, x: &str, y: &[&str]) -> Series {
     }
 }
 
+/// What the curves need to know of the run beyond its metrics.
+pub struct RunInfo {
+    /// The model refines λ (otherwise its "refined" ELBO is the amortized one).
+    pub refines: bool,
+    /// The implicit gradient's `--stationarity-tol` (drawn on the SVI chart).
+    pub stationarity_tol: Option<f64>,
+}
+
 /// Draws the training curves; returns the files written.
-pub fn curves(metrics: &[Value], out: &Path) -> Result<Vec<String>> {
+pub fn curves(metrics: &[Value], out: &Path, run: &RunInfo) -> Result<Vec<String>> {
     let epochs: Vec<&Value> = metrics.iter().filter(|v| v["kind"] == "epoch").collect();
     let steps: Vec<&Value> = metrics.iter().filter(|v| v["kind"] == "step").collect();
     let mut files = Vec::new();
@@ -310,12 +350,16 @@ pub fn curves(metrics: &[Value], out: &Path) -> Result<Vec<String>> {
                 "epoch",
                 &["valid_elbo_amortized"],
             ),
-            series(
-                &epochs,
-                "valid, refined λ*",
-                "epoch",
-                &["valid_elbo_refined"],
-            ),
+            if run.refines {
+                series(
+                    &epochs,
+                    "valid, refined λ*",
+                    "epoch",
+                    &["valid_elbo_refined"],
+                )
+            } else {
+                Series::empty()
+            },
         ],
     )?;
     draw(
@@ -349,25 +393,38 @@ pub fn curves(metrics: &[Value], out: &Path) -> Result<Vec<String>> {
             ),
         ],
     )?;
+    let mut svi = vec![
+        series(
+            &steps,
+            "max over batch",
+            "step",
+            &["svi", "final_grad_norm_max"],
+        ),
+        series(
+            &steps,
+            "mean over batch",
+            "step",
+            &["svi", "final_grad_norm_mean"],
+        ),
+    ];
+    if let Some(tol) = run.stationarity_tol {
+        let xs: Vec<f64> = svi[0].points.iter().map(|p| p.0).collect();
+        if let (Some(&a), Some(&b)) = (xs.first(), xs.last()) {
+            svi.push(Series {
+                name: format!(
+                    "--stationarity-tol {} (above: identity fallback)",
+                    tick(&tol)
+                ),
+                points: vec![(a, tol), (b, tol)],
+            });
+        }
+    }
     draw(
         "curves_svi.png",
         "SVI stationarity at λ_K per logged step",
         "step",
         "‖∇F(λ_K)‖",
-        vec![
-            series(
-                &steps,
-                "max over batch",
-                "step",
-                &["svi", "final_grad_norm_max"],
-            ),
-            series(
-                &steps,
-                "mean over batch",
-                "step",
-                &["svi", "final_grad_norm_mean"],
-            ),
-        ],
+        svi,
     )?;
     draw(
         "curves_speed.png",
@@ -380,6 +437,12 @@ pub fn curves(metrics: &[Value], out: &Path) -> Result<Vec<String>> {
 }
 
 impl Series {
+    fn empty() -> Self {
+        Self {
+            name: String::new(),
+            points: Vec::new(),
+        }
+    }
     fn scaled(mut self, k: f64) -> Self {
         self.points.iter_mut().for_each(|p| p.1 *= k);
         self
@@ -465,11 +528,11 @@ fn mnist_pictures(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<Stri
         }
         let z = Tensor::from_vec(zs, (9, d), device)?.to_dtype(dtype)?;
         rows.push(probs(&model.decoder, &z)?);
-        labels.push(format!("z[{j}] (var {v:.2})"));
+        labels.push(format!("z[{j}], activity {v:.2}"));
     }
     image_grid(
         &out.join("traversal.png"),
-        "Latent traversal: z_j from −3 to 3, others 0",
+        "Latent traversal: z_j from −3 to 3 (others 0); activity = Var_x E_q[z_j]",
         &labels,
         &rows,
     )?;
@@ -555,6 +618,16 @@ fn text_samples(e: &Evaluated, out: &Path, device: &Device) -> Result<Vec<String
 
 pub fn run(a: ReportArgs) -> Result<()> {
     register_font()?;
+    if let Some(r) = &a.run_dir {
+        if !r.is_dir() {
+            bail!("run folder {} does not exist", r.display());
+        }
+    }
+    if let Some(c) = &a.checkpoint {
+        if !c.is_file() {
+            bail!("--checkpoint {}: no such file", c.display());
+        }
+    }
     let (ck, run_dir) = match (&a.checkpoint, &a.run_dir) {
         (Some(c), _) => (
             c.clone(),
@@ -575,10 +648,18 @@ pub fn run(a: ReportArgs) -> Result<()> {
         }
         (None, None) => bail!("give a RUN_DIR or --checkpoint FILE"),
     };
-    let out = match (&a.out, &run_dir) {
-        (Some(o), _) => o.clone(),
-        (None, Some(r)) => r.join("report"),
-        (None, None) => PathBuf::from("report"),
+    // A run's report goes into its folder; a lone checkpoint's next to it, under its own
+    // name, so that reports of two checkpoints in one folder do not overwrite each other.
+    let out = match (&a.out, &a.checkpoint, &run_dir) {
+        (Some(o), _, _) => o.clone(),
+        (None, None, Some(r)) => r.join("report"),
+        (None, Some(c), _) => {
+            let stem = c
+                .file_stem()
+                .map_or("checkpoint".into(), |s| s.to_string_lossy());
+            c.with_file_name(format!("{stem}-report"))
+        }
+        (None, None, None) => PathBuf::from("report"),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let device = crate::device::resolve(&a.device)?;
@@ -588,7 +669,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
         svi_optimizer: None,
-        max_examples: Some(a.max_examples),
+        subset: Subset::new(Some(a.max_examples), SubsetOrder::Random, a.seed),
         elbo_samples: a.elbo_samples,
         refine_samples: None,
         batch_size: None,
@@ -604,7 +685,14 @@ pub fn run(a: ReportArgs) -> Result<()> {
         .map(|r| r.join("metrics.jsonl"))
         .filter(|p| p.exists())
     {
-        files.extend(curves(&read_metrics(&m)?, &out)?);
+        let cfg = &e.meta.config;
+        let run = RunInfo {
+            refines: cfg.model.refines(),
+            stationarity_tol: (cfg.model == savae_train::options::ModelKind::Savae
+                && cfg.grad == savae_train::options::GradientKind::Implicit)
+                .then_some(cfg.stationarity_tol),
+        };
+        files.extend(curves(&read_metrics(&m)?, &out, &run)?);
     }
     files.extend(mnist_pictures(&e, &out, &device)?);
     files.extend(text_samples(&e, &out, &device)?);
@@ -664,8 +752,14 @@ pub fn run(a: ReportArgs) -> Result<()> {
         r.elbo_amortized
     ));
     md.push_str(&format!(
-        "| ELBO, refined λ* ({} SVI steps) | {:.4} |\n",
-        r.svi_steps, r.elbo_refined
+        "| ELBO, refined λ* ({} {} steps) | {:.4} |\n",
+        r.svi_steps,
+        match r.svi_optimizer {
+            "newton" => "Newton",
+            "adam" => "Adam",
+            _ => "SGD",
+        },
+        r.elbo_refined
     ));
     md.push_str(&format!("| mean amortization gap | {mean_gap:.4} |\n"));
     md.push_str(&format!("| KL, refined | {:.4} |\n", r.kl_refined));

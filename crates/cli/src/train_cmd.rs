@@ -18,12 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 /// The flags of `savae train`.
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// TOML file of settings (same names as the flags, with underscores).
+    /// TOML file of settings: the names of the flags with underscores (run_dir too);
+    /// flags given as well override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Output folder: checkpoints and metrics.jsonl.
-    #[arg(long, default_value = "checkpoints/run")]
-    pub run_dir: PathBuf,
+    /// Output folder: checkpoints and metrics.jsonl [default: checkpoints/run].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
     /// Continue the run in --run-dir from its last.safetensors.
     #[arg(long)]
     pub resume: bool,
@@ -80,20 +81,47 @@ fn requested_config(a: &TrainArgs, file: Option<&TrainOverrides>) -> TrainConfig
     cfg
 }
 
+/// A `--config` file: the training settings, and the run folder.
+struct SettingsFile {
+    settings: TrainOverrides,
+    run_dir: Option<PathBuf>,
+}
+
+impl SettingsFile {
+    fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read settings file {}", path.display()))?;
+        let bad = || format!("settings file {} is not valid", path.display());
+        let mut table: toml::Table = toml::from_str(&text).with_context(bad)?;
+        let run_dir = match table.remove("run_dir") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
+            Some(other) => anyhow::bail!(
+                "{}: run_dir must be a string (a folder), not {other}",
+                bad()
+            ),
+        };
+        let settings = table.try_into().with_context(bad)?;
+        Ok(Self { settings, run_dir })
+    }
+}
+
 /// Runs `savae train`.
 pub fn run(a: TrainArgs) -> Result<()> {
+    let file = a.config.as_deref().map(SettingsFile::read).transpose()?;
+    let run_dir = a
+        .run_dir
+        .clone()
+        .or_else(|| file.as_ref().and_then(|f| f.run_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from("checkpoints/run"));
+    let file = file.map(|f| f.settings);
     let opts = RunOptions {
-        run_dir: a.run_dir.clone(),
+        run_dir: run_dir.clone(),
         data_dir: crate::data_dir(a.data_dir.as_ref()),
         device: crate::device::resolve(&a.device)?,
         max_bad_batches: a.max_bad_batches,
     };
-    let file = a
-        .config
-        .as_deref()
-        .map(TrainOverrides::from_toml_file)
-        .transpose()?;
-    let dir = a.run_dir.display().to_string();
+    let dir = run_dir.display().to_string();
     let mut trainer = if a.resume {
         let changes: Vec<&TrainOverrides> = file.iter().chain([&a.overrides]).collect();
         Trainer::resume(opts, &changes).with_context(|| format!("--resume --run-dir {dir}"))?
@@ -109,7 +137,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         )?
     };
     install_signal_handler();
-    let mut obs = CliObserver::new(&a.run_dir, !a.quiet)?;
+    let mut obs = CliObserver::new(&run_dir, !a.quiet)?;
     let s: TrainSummary = trainer.run(&mut obs)?;
     println!("{}", serde_json::to_string(&s)?);
     if s.interrupted {
@@ -227,10 +255,13 @@ impl Observer for CliObserver {
             None => format!("loss {:.2} kl {:.2} {:.0} ex/s", out.loss, out.kl, ex_s),
         };
         if let Some(c) = &out.cg {
+            // Examples whose implicit gradient fell back to the identity (not stationary,
+            // or a failed solve), of the batch.
             msg.push_str(&format!(
-                " cg {:.1}it fail {}",
+                " cg {:.1} it, {}/{} fallback",
                 c.iters_mean,
-                c.negative_curvature + c.non_finite
+                c.fallbacks + c.not_stationary,
+                r.examples
             ));
         }
         self.bar.set_message(msg);

@@ -15,6 +15,6 @@ pub mod spec;
 pub mod text;
 
 pub use images::{DatasetKind, ImageData, ImageSplit, Split, PIXELS};
-pub use order::{batch_rng, epoch_order, SplitMix, Stream};
+pub use order::{batch_rng, epoch_order, sample_indices, SplitMix, Stream};
 pub use spec::DataSpec;
 pub use text::{LoadStats, TextData, TextSource, TextSplit, Vocab};

@@ -39,6 +39,18 @@ pub fn epoch_order(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
     idx
 }
 
+/// A seeded random subset of `n` of the indices `0..total` (all of them when n ≥ total),
+/// in ascending order: a representative sample of a file whatever its order (the static
+/// binarized MNIST test file is sorted by class).
+pub fn sample_indices(seed: u64, total: usize, n: usize) -> Vec<usize> {
+    let mut rng = ChaCha8Rng::seed_from_u64(SplitMix::derive(seed, 8, total as u64, n as u64));
+    let mut idx: Vec<usize> = (0..total).collect();
+    idx.shuffle(&mut rng);
+    idx.truncate(n);
+    idx.sort_unstable();
+    idx
+}
+
 /// The RNG for all noise of batch `batch` in epoch `epoch`. `stream` separates uses
 /// (training noise, evaluation noise, binarization).
 pub fn batch_rng(seed: u64, stream: u64, epoch: u64, batch: u64) -> ChaCha8Rng {

@@ -7,7 +7,7 @@
 
 use anyhow::Result;
 use savae_train::options::{GradientKind, ModelKind};
-use savae_train::{evaluate_checkpoint, EvalRequest, RunOptions, Silent, TrainConfig};
+use savae_train::{evaluate_checkpoint, EvalRequest, RunOptions, Silent, Subset, TrainConfig};
 use savae_train::{TrainOverrides, Trainer};
 use std::path::PathBuf;
 
@@ -46,7 +46,10 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
         iw_samples: 10,
         svi_steps: None,
         svi_optimizer: None,
-        max_examples: Some(100),
+        subset: Subset::Random {
+            examples: 100,
+            seed: 1,
+        },
         elbo_samples: 2,
         refine_samples: None,
         batch_size: None,

@@ -22,7 +22,7 @@ macro_rules! settings {
         $(#[doc = $doc:literal])*
         $(#[serde($($serde:tt)*)])*
         $(#[arg($($arg:tt)*)])*
-        $name:ident : $kind:ident $ty:ty = $default:expr;
+        $name:ident : $kind:ident $ty:ty = $default:expr $(, unset $unset:literal)?;
     )*) => {
         /// Every training setting, resolved. Stored in the checkpoint metadata (as JSON,
         /// each enum under its lower-case name).
@@ -46,6 +46,18 @@ macro_rules! settings {
             $( $(#[doc = $doc])* #[arg(long, allow_negative_numbers = true $(, $($arg)*)*)] pub $name: Option<$ty>, )*
         }
 
+        /// The name of every setting, in declaration order (the TOML keys; the flags with
+        /// `-` for `_`).
+        pub const SETTINGS: &[&str] = &[$(stringify!($name)),*];
+
+        /// What an unset optional setting means, in a word (e.g. "all" examples).
+        fn unset_text(setting: &str) -> &'static str {
+            match setting {
+                $( stringify!($name) => settings!(@unset $($unset)?), )*
+                _ => "none",
+            }
+        }
+
         impl TrainOverrides {
             /// Applies these overrides onto `cfg`.
             pub fn apply(&self, cfg: &mut TrainConfig) {
@@ -53,6 +65,8 @@ macro_rules! settings {
             }
         }
     };
+    (@unset) => { "none" };
+    (@unset $u:literal) => { $u };
     (@ty one $ty:ty) => { $ty };
     (@ty opt $ty:ty) => { Option<$ty> };
     (@set one $cfg:ident . $name:ident, $v:ident) => { $cfg.$name = $v.clone() };
@@ -124,10 +138,11 @@ settings! {
     /// Floating-point type: f32 or f64.
     #[arg(value_enum)]
     dtype: one Precision = Precision::F32;
-    /// Train on N examples of the shuffled training split only (default: all).
-    max_train_examples: opt usize = None;
-    /// Validation examples evaluated each epoch (default: the whole split).
-    valid_examples: opt usize = Some(2000);
+    /// Train on N examples of the shuffled training split only.
+    max_train_examples: opt usize = None, unset "all";
+    /// Validation examples evaluated each epoch: the first N of the split (the shipped
+    /// MNIST valid file is in random class order).
+    valid_examples: opt usize = Some(2000), unset "all";
     /// Write a step line to metrics.jsonl every this many steps.
     log_every: one usize = 50;
     /// Word-embedding size (text).
@@ -136,9 +151,9 @@ settings! {
     /// Decoder dropout probability in training (text).
     #[serde(default)]
     dropout: one f64 = 0.0;
-    /// Vocabulary size cap, <unk> <s> </s> included (text; default: every train word).
+    /// Vocabulary size cap, <unk> <s> </s> included (text).
     #[serde(default)]
-    max_vocab: opt usize = None;
+    max_vocab: opt usize = None, unset "all train words";
     /// Drop train sentences with more words than this (text).
     #[serde(default)]
     max_len: one usize = 0;
@@ -174,6 +189,28 @@ fn default_stationarity_tol() -> f64 {
 }
 
 impl TrainConfig {
+    /// The value of `setting` as a user writes it (`512,512`, `fresh`, `1e-3` as
+    /// `0.001`; an unset optional setting in a word such as `all`); None for an unknown
+    /// name.
+    pub fn setting_text(&self, setting: &str) -> Option<String> {
+        let json = serde_json::to_value(self).ok()?;
+        let v = match json.get(setting) {
+            Some(v) => v,
+            None if SETTINGS.contains(&setting) => &serde_json::Value::Null,
+            None => return None,
+        };
+        Some(match v {
+            serde_json::Value::Null => unset_text(setting).to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(a) => a
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        })
+    }
+
     /// The defaults for `dataset`: the MNIST MLP above, or for text a one-layer LSTM VAE
     /// small enough to train on a CPU (SA-VAE's settings otherwise: batch 32, β from 0.1
     /// to 1 over 10 epochs, gradient clip 5, decoder dropout 0.5).
@@ -395,5 +432,27 @@ impl TrainConfig {
             beta,
             svi: self.svi_config(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_setting_has_a_text_and_unset_options_a_word() {
+        let img = TrainConfig::default();
+        for s in SETTINGS {
+            assert!(img.setting_text(s).is_some_and(|t| !t.is_empty()), "{s}");
+        }
+        assert_eq!(img.setting_text("hidden").unwrap(), "512,512");
+        assert_eq!(img.setting_text("model").unwrap(), "vae");
+        assert_eq!(img.setting_text("valid_examples").unwrap(), "2000");
+        assert_eq!(img.setting_text("max_train_examples").unwrap(), "all");
+        assert_eq!(img.setting_text("init_from").unwrap(), "none");
+        let text = TrainConfig::defaults_for("ptb");
+        assert_eq!(text.setting_text("valid_examples").unwrap(), "all");
+        assert_eq!(text.setting_text("hidden").unwrap(), "256");
+        assert_eq!(img.setting_text("no_such_setting"), None);
     }
 }

@@ -393,6 +393,59 @@ fn report(
     }
 }
 
+/// Which examples of a split an evaluation scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "selection", rename_all = "lowercase")]
+pub enum Subset {
+    /// The whole split.
+    All,
+    /// `examples` drawn at random with `seed` (scored in file order): representative of
+    /// the split whatever the file's order.
+    Random { examples: usize, seed: u64 },
+    /// The first `examples` in file order (the shipped MNIST test file is sorted by
+    /// class, so this is not a sample of it).
+    First { examples: usize },
+}
+
+/// How a subset of N examples is chosen (the option a user sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SubsetOrder {
+    /// A seeded random sample of the split.
+    Random,
+    /// The first N in file order.
+    First,
+}
+
+impl Subset {
+    /// `max_examples` of a split chosen by `order` (random with `seed`); None: all.
+    pub fn new(max_examples: Option<usize>, order: SubsetOrder, seed: u64) -> Self {
+        match (max_examples, order) {
+            (None, _) => Self::All,
+            (Some(examples), SubsetOrder::Random) => Self::Random { examples, seed },
+            (Some(examples), SubsetOrder::First) => Self::First { examples },
+        }
+    }
+    /// The indices of `total` examples this subset keeps (None: all of them).
+    pub fn indices(self, total: usize) -> Result<Option<Vec<usize>>> {
+        let n = match self {
+            Self::All => return Ok(None),
+            Self::Random { examples, .. } | Self::First { examples } => examples,
+        };
+        anyhow::ensure!(
+            n > 0,
+            "an evaluation of 0 examples was asked for: take at least 1"
+        );
+        if n >= total {
+            return Ok(None);
+        }
+        Ok(Some(match self {
+            Self::Random { seed, .. } => savae_data::sample_indices(seed, total, n),
+            _ => (0..n).collect(),
+        }))
+    }
+}
+
 /// What `savae eval` (and `savae report`) evaluate: a checkpoint on a split.
 #[derive(Debug, Clone)]
 pub struct EvalRequest {
@@ -405,8 +458,8 @@ pub struct EvalRequest {
     /// Refinement optimizer, with the checkpoint's SVI step size (None: the checkpoint's
     /// optimizer). Lets rows trained with different refinements be scored by the same one.
     pub svi_optimizer: Option<savae_inference::SviMethod>,
-    /// Evaluate only the first N examples of the split.
-    pub max_examples: Option<usize>,
+    /// The examples of the split to score.
+    pub subset: Subset,
     /// Fresh draws for the reported ELBOs.
     pub elbo_samples: usize,
     /// Draws held fixed during the refinement (None: 8, or the checkpoint's samples if
@@ -448,14 +501,11 @@ pub fn evaluate_checkpoint(
         cfg.max_vocab,
         cfg.max_len,
     )?;
-    let mut s = data.split(req.split).clone();
-    if let Some(n) = req.max_examples {
-        anyhow::ensure!(
-            n > 0,
-            "an evaluation of 0 examples was asked for: take at least 1"
-        );
-        s = s.truncate(n);
-    }
+    let whole = data.split(req.split);
+    let s = match req.subset.indices(whole.len())? {
+        Some(idx) => whole.select(&idx),
+        None => whole.clone(),
+    };
     let mut svi = cfg.svi_config();
     if let Some(k) = req.svi_steps {
         svi.steps = k;
@@ -482,6 +532,8 @@ pub fn evaluate_checkpoint(
     json["checkpoint"] = serde_json::json!(req.checkpoint.display().to_string());
     json["dataset"] = serde_json::json!(ck.meta.dataset);
     json["epoch"] = serde_json::json!(ck.meta.epoch);
+    json["subset"] = serde_json::to_value(req.subset)?;
+    json["split_examples"] = serde_json::json!(whole.len());
     Ok(Evaluated {
         report,
         json,

@@ -24,8 +24,10 @@ pub mod options;
 pub mod step;
 pub mod trainer;
 
-pub use config::{TrainConfig, TrainOverrides};
-pub use eval::{evaluate, evaluate_checkpoint, EvalOptions, EvalReport, EvalRequest};
+pub use config::{TrainConfig, TrainOverrides, SETTINGS};
+pub use eval::{
+    evaluate, evaluate_checkpoint, EvalOptions, EvalReport, EvalRequest, Subset, SubsetOrder,
+};
 pub use options::SettingError;
 pub use step::{ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput};
 pub use trainer::{Observer, RunOptions, Silent, TrainState, TrainSummary, Trainer};

@@ -104,14 +104,21 @@ pub struct SviStats {
 /// Adjoint-solve diagnostics of a step.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CgStats {
+    /// Mean and largest CG iterations over the examples.
     pub iters_mean: f64,
     pub iters_max: usize,
+    /// Largest relative residual at the end.
     pub residual_max: f64,
+    /// Examples (of the batch) whose solve converged…
     pub converged: usize,
-    pub max_iterations: usize,
+    /// …stopped at the iteration cap without converging…
+    pub stopped_at_cap: usize,
+    /// …met negative curvature, or non-finite values.
     pub negative_curvature: usize,
     pub non_finite: usize,
+    /// Examples re-solved with more damping.
     pub retried: usize,
+    /// Examples whose solve failed (after any retries): identity fallback.
     pub fallbacks: usize,
     /// Examples not stationary at λ_K (‖∇F‖ > stationarity_tol): identity fallback.
     pub not_stationary: usize,
@@ -127,7 +134,7 @@ impl CgStats {
             iters_max: rep.max_iterations(),
             residual_max: rep.max_residual(),
             converged: rep.count(CgStatus::Converged),
-            max_iterations: rep.count(CgStatus::MaxIterations),
+            stopped_at_cap: rep.count(CgStatus::MaxIterations),
             negative_curvature: rep.count(CgStatus::NegativeCurvature),
             non_finite: rep.count(CgStatus::NonFinite),
             retried: sol.retried,

@@ -1,0 +1,181 @@
+//! The command tree of `savae`: every subcommand and its flags, parsed to typed
+//! arguments in one place ([`parse_from`]), and [`run`] dispatching them. The help of
+//! `savae train` shows each setting's default, taken from [`TrainConfig`] itself (image
+//! and text defaults), so `--help` cannot drift from what a run uses.
+
+use crate::{bench, data_dir, device, flags, gradcheck, report, sample, train_cmd};
+use anyhow::Result;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use savae_train::eval::{evaluate_checkpoint, EvalRequest};
+use savae_train::options::SviMethod;
+use savae_train::{Subset, SubsetOrder, TrainConfig, SETTINGS};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "savae",
+    version,
+    about = "Semi-amortized VAEs with implicit gradients, on candle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a model (defaults: an amortized VAE on static binarized MNIST; --model savae
+    /// for SA-VAE with implicit gradients).
+    Train(Box<train_cmd::TrainArgs>),
+    /// Evaluate a checkpoint: ELBOs, KL, importance-sampled NLL, active units (JSON).
+    Eval(EvalArgs),
+    /// Compare the implicit, unrolled and finite-difference parameter gradients (JSON).
+    Gradcheck(gradcheck::GradcheckArgs),
+    /// Time training steps of each mode (JSON lines).
+    Bench(bench::BenchArgs),
+    /// Sentences from a text model: prior samples, reconstructions, interpolations.
+    Sample(sample::SampleArgs),
+    /// Draw a run: training curves, reconstructions, samples, traversals, amortization gap.
+    Report(report::ReportArgs),
+    /// Copy a checkpoint without its optimizer state (weights and metadata: for eval,
+    /// report and sample; not for --resume).
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run_export(a: ExportArgs) -> Result<()> {
+    use anyhow::Context;
+    let ck = savae_train::checkpoint::load(&a.checkpoint)?;
+    let model = ck.model(
+        &a.checkpoint,
+        ck.meta.config.dtype(),
+        &candle_core::Device::Cpu,
+    )?;
+    savae_train::checkpoint::save(&a.out, &model, None, &ck.meta)
+        .with_context(|| format!("--out {}", a.out.display()))?;
+    eprintln!(
+        "savae: wrote {} (weights and metadata, no optimizer state)",
+        a.out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// A checkpoint written by `savae train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// valid | test (| train).
+    #[arg(long, default_value = "test", value_parser = flags::parse_split)]
+    split: savae_data::Split,
+    /// Importance samples for nll_iw (0 skips it).
+    #[arg(long, default_value_t = 500)]
+    iw_samples: usize,
+    /// SVI refinement steps (default: the checkpoint's).
+    #[arg(long)]
+    svi_steps: Option<usize>,
+    /// SVI refinement optimizer: sgd | adam | newton, at the checkpoint's --svi-lr
+    /// (default: the checkpoint's), so that models trained with different refinements
+    /// can be scored by the same one.
+    #[arg(long, value_enum)]
+    svi_optimizer: Option<SviMethod>,
+    /// Evaluate N examples of the split, chosen by --subset [default: all].
+    #[arg(long)]
+    max_examples: Option<usize>,
+    /// How --max-examples chooses: random (a sample drawn with --seed: representative
+    /// even of the class-sorted MNIST test file) or first (file order).
+    #[arg(long, value_enum, default_value_t = SubsetOrder::Random)]
+    subset: SubsetOrder,
+    /// Noise draws for the reported ELBOs.
+    #[arg(long, default_value_t = 10)]
+    elbo_samples: usize,
+    /// Noise draws held fixed during the refinement (default: 8, or the checkpoint's
+    /// --samples if larger; one draw overfits the refinement to its noise).
+    #[arg(long)]
+    refine_samples: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let dev = device::resolve(&a.device)?;
+    let req = EvalRequest {
+        checkpoint: a.checkpoint,
+        split: a.split,
+        iw_samples: a.iw_samples,
+        svi_steps: a.svi_steps,
+        svi_optimizer: a.svi_optimizer,
+        subset: Subset::new(a.max_examples, a.subset, a.seed),
+        elbo_samples: a.elbo_samples,
+        refine_samples: a.refine_samples,
+        batch_size: a.batch_size,
+        seed: a.seed,
+        data_dir: data_dir(a.data_dir.as_ref()),
+    };
+    let (pb, mut progress) = flags::eval_progress(!a.quiet);
+    let e = evaluate_checkpoint(&req, &dev, &mut progress)?;
+    pb.finish_and_clear();
+    println!("{}", e.json);
+    Ok(())
+}
+
+/// The clap command of `savae`, with every training setting's default in its help.
+pub fn command() -> clap::Command {
+    let img = TrainConfig::default();
+    let text = TrainConfig::defaults_for("ptb");
+    Cli::command().mut_subcommand("train", |mut c| {
+        for &s in SETTINGS {
+            let (a, b) = (img.setting_text(s), text.setting_text(s));
+            let default = match (a, b) {
+                (Some(a), Some(b)) if a != b && s != "dataset" => {
+                    format!("[default: {a}; text: {b}]")
+                }
+                (Some(a), _) => format!("[default: {a}]"),
+                _ => continue,
+            };
+            c = c.mut_arg(s, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} {default}"))
+            });
+        }
+        c
+    })
+}
+
+/// Parses a command line (the program name first).
+pub fn parse_from<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let m = command().try_get_matches_from(args)?;
+    Cli::from_arg_matches(&m)
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train_cmd::run(*a),
+        Command::Eval(a) => run_eval(a),
+        Command::Gradcheck(a) => gradcheck::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Sample(a) => sample::run(a),
+        Command::Export(a) => run_export(a),
+        Command::Report(a) => report::run(a),
+    }
+}
