@@ -5,6 +5,16 @@ use indicatif::{ProgressBar, ProgressStyle};
 use savae_train::eval::EvalProgress;
 use savae_train::SettingError;
 
+/// The program as the user invoked it, for commands we suggest: `savae` when it was
+/// found on the PATH, else the path it was run by (`target/release/savae` after
+/// `cargo run`), so that a suggested command runs when copied.
+pub fn program() -> String {
+    match std::env::args().next() {
+        Some(p) if p.contains(std::path::MAIN_SEPARATOR) || p.contains('/') => p,
+        _ => "savae".to_string(),
+    }
+}
+
 /// The flag of a setting: `batch_size` → `--batch-size`.
 pub fn flag(setting: &str) -> String {
     format!("--{}", setting.replace('_', "-"))

@@ -198,7 +198,16 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let dtype = model.dtype();
     let d = model.latent_dim();
     let mut rng = ChaCha8Rng::seed_from_u64(a.seed);
-    let show = |ids: &[u32]| vocab.decode(ids);
+    // An empty sentence (</s> first, common for greedy decoding of a briefly trained
+    // model) is marked rather than printed as a blank line.
+    let show = |ids: &[u32]| {
+        let text = vocab.decode(ids);
+        if text.trim().is_empty() {
+            "(empty sentence: </s> came first)".to_string()
+        } else {
+            text
+        }
+    };
     if a.prior > 0 {
         println!(
             "# {} sentences from the {} ({} decoding)",

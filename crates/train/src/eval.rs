@@ -546,6 +546,57 @@ pub fn evaluate_checkpoint(
 }
 
 #[cfg(test)]
+mod subset_tests {
+    use super::Subset;
+
+    /// The class of image `i` of the static binarized MNIST test file, which holds the
+    /// MNIST test images grouped by class (data/README.md: block sizes 980, 1135, …).
+    fn sorted_test_class(i: usize) -> usize {
+        const SIZES: [usize; 10] = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009];
+        let mut end = 0;
+        for (c, n) in SIZES.iter().enumerate() {
+            end += n;
+            if i < end {
+                return c;
+            }
+        }
+        panic!("index {i} past the test file")
+    }
+
+    fn classes(idx: &[usize]) -> std::collections::BTreeSet<usize> {
+        idx.iter().map(|&i| sorted_test_class(i)).collect()
+    }
+
+    #[test]
+    fn a_small_subset_of_a_class_sorted_split_holds_many_classes() {
+        let random = Subset::Random {
+            examples: 50,
+            seed: 1234,
+        };
+        let idx = random.indices(10_000).unwrap().unwrap();
+        assert_eq!(idx.len(), 50);
+        assert!(
+            idx.windows(2).all(|w| w[0] < w[1]),
+            "distinct, in file order"
+        );
+        assert!(classes(&idx).len() >= 8, "{:?}", classes(&idx));
+        assert_eq!(random.indices(10_000).unwrap().unwrap(), idx, "seeded");
+        let other = Subset::Random {
+            examples: 50,
+            seed: 1,
+        };
+        assert_ne!(other.indices(10_000).unwrap().unwrap(), idx);
+        // File order, asked for explicitly, is one class: why it is not the default.
+        let first = Subset::First { examples: 500 };
+        assert_eq!(classes(&first.indices(10_000).unwrap().unwrap()).len(), 1);
+        // All, or more than the split: everything; zero: an error.
+        assert_eq!(Subset::All.indices(10).unwrap(), None);
+        assert_eq!(Subset::First { examples: 20 }.indices(10).unwrap(), None);
+        assert!(Subset::First { examples: 0 }.indices(10).is_err());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::{importance_log_likelihood, mutual_info};
     use candle_core::{Device, Tensor};
