@@ -1,5 +1,6 @@
 //! Models of savae: MLP Gaussian encoders and Bernoulli MLP decoders for images, LSTM
-//! encoders and decoders for sentences, and the ELBO.
+//! encoders and decoders for sentences, the ELBO, and hand-derived derivatives in λ of
+//! the MLP decoder's ELBO (gradient and Hessian-vector products, [`analytic`]).
 //!
 //! Shapes: a batch of B images is `x: [B, 784]`, of B sentences a [`TokenBatch`]; the variational parameters of a batch
 //! are `λ = (μ, log σ²): [B, 2d]` (see [`VariationalParams`]); S noise draws are
@@ -7,6 +8,7 @@
 //! (`encoder.layers.{i}.weight`, ...), held in a [`ParamSet`].
 
 pub mod activation;
+pub mod analytic;
 pub mod elbo;
 pub mod lstm;
 pub mod mlp;
@@ -15,6 +17,7 @@ pub mod text;
 pub mod vae;
 
 pub use activation::Activation;
+pub use analytic::{MlpElbo, MlpElboPoint, Passes};
 pub use elbo::{bernoulli_log_lik, gaussian_kl, ElboTerms, Noise, VariationalParams};
 pub use mlp::{Linear, Mlp};
 pub use params::ParamSet;
