@@ -256,6 +256,7 @@ fn perplexity_of_a_unigram_toy_model_is_exact() {
             refine_samples: 2,
             batch_size: 2,
             seed: 1,
+            passes: savae_model::Passes::Analytic,
         };
         let r = evaluate(&model, &split, "toy", &opts, &Device::Cpu).unwrap();
         assert_eq!(r.tokens, Some(tokens));

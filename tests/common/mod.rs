@@ -103,6 +103,7 @@ pub fn step_cfg(mode: savae_train::Mode, steps: usize) -> savae_train::StepConfi
             tol: 0.0,
             batch_size: 1,
         },
+        passes: savae_model::Passes::Analytic,
     }
 }
 

@@ -7,7 +7,7 @@ use crate::{bench, data_dir, device, flags, gradcheck, report, sample, train_cmd
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use savae_train::eval::{evaluate_checkpoint, EvalRequest};
-use savae_train::options::SviMethod;
+use savae_train::options::{Passes, SviMethod};
 use savae_train::{Subset, SubsetOrder, TrainConfig, SETTINGS};
 use std::path::PathBuf;
 
@@ -106,8 +106,14 @@ pub struct EvalArgs {
     device: String,
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Seed of the subset, the refinement's draws, the ELBO draws and importance samples.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Derivatives of the refinement's objective: analytic or autograd (the reference;
+    /// the same numbers up to rounding).
+    #[arg(long, value_enum, default_value_t = Passes::Analytic)]
+    passes: Passes,
+    /// No progress bar.
     #[arg(long)]
     quiet: bool,
 }
@@ -126,6 +132,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         batch_size: a.batch_size,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),
+        passes: a.passes,
     };
     let (pb, mut progress) = flags::eval_progress(!a.quiet);
     let e = evaluate_checkpoint(&req, &dev, &mut progress)?;

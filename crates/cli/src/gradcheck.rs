@@ -22,7 +22,7 @@ use savae_implicit::{
 use savae_inference::{SviConfig, SviOptimizer};
 use savae_model::{elbo, ModelConfig, Noise, Vae};
 use savae_train::checkpoint;
-use savae_train::options::{Activation, EncoderLoss, ModelKind, OuterNoise};
+use savae_train::options::{Activation, EncoderLoss, ModelKind, OuterNoise, Passes};
 use savae_train::step::{
     train_step_outer, ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput,
 };
@@ -59,6 +59,9 @@ pub struct GradcheckArgs {
     /// What trains the encoder: refined (the loss at λ*, SA-VAE) or amortized.
     #[arg(long, value_enum, default_value_t = EncoderLoss::Refined)]
     pub encoder_loss: EncoderLoss,
+    /// Derivatives in λ of the inner ELBO (refinement and adjoint): analytic or autograd.
+    #[arg(long, value_enum, default_value_t = Passes::Analytic)]
+    pub passes: Passes,
     /// The refinement counts as stationary when every ‖∇F_b(λ_K)‖ is below this.
     #[arg(long, default_value_t = 1e-8)]
     pub stationarity_tol: f64,
@@ -104,6 +107,7 @@ struct Settings {
     cg_damping: f64,
     cg_retries: usize,
     hvp: HvpKind,
+    passes: Passes,
     finite_differences: &'static str,
     fd_params: usize,
     stationarity_tol: f64,
@@ -231,6 +235,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         cg_damping: solve.damping,
         cg_retries: solve.retries,
         hvp: HvpKind::Exact,
+        passes: a.passes,
         finite_differences: FD_RULE,
         fd_params: a.fd_params,
         stationarity_tol: a.stationarity_tol,
@@ -263,6 +268,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
             },
             batch_size: 1,
         },
+        passes: a.passes,
     };
     let step = |gradient| train_step_outer(&model, &x, &eps, outer_eps.as_ref(), &cfg(gradient));
     let imp = step(implicit)?;

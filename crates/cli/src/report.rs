@@ -675,6 +675,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         batch_size: None,
         seed: a.seed,
         data_dir: data_dir(a.data_dir.as_ref()),
+        passes: savae_model::Passes::Analytic,
     };
     let (pb, mut progress) = crate::flags::eval_progress(!a.quiet);
     let e = evaluate_checkpoint(&req, &device, &mut progress)?;

@@ -136,7 +136,16 @@ fn posterior_means(
         let x = Batch::Text(token_batch(&[&ids], &mut rng, dtype, device, None)?);
         let lambda0 = model.encode(&x)?.0.detach();
         let eps = noise(&mut rng, 8, 1, model.latent_dim(), dtype, device)?;
-        let r = savae_train::step::refine_elbo(&dec, &x, &eps, 1.0, &lambda0, svi, false)?;
+        let r = savae_train::step::refine_elbo(
+            &dec,
+            &x,
+            &eps,
+            1.0,
+            &lambda0,
+            svi,
+            false,
+            savae_model::Passes::Analytic,
+        )?;
         let d = model.latent_dim();
         mu0.push(lambda0.narrow(1, 0, d)?);
         mur.push(r.lambda.narrow(1, 0, d)?);

@@ -55,6 +55,7 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
         batch_size: None,
         seed: 1,
         data_dir,
+        passes: savae_train::options::Passes::Analytic,
     };
     let e = evaluate_checkpoint(&req, &candle_core::Device::Cpu, &mut |_| {})?;
     println!("{}", e.json);

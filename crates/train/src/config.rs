@@ -8,8 +8,8 @@
 //! [`TrainConfig::validate`] when it has a range).
 
 use crate::options::{
-    require, Activation, EncoderLoss, GradientKind, HvpKind, ModelKind, OuterNoise, Precision,
-    SettingError, SviMethod,
+    require, Activation, EncoderLoss, GradientKind, HvpKind, ModelKind, OuterNoise, Passes,
+    Precision, SettingError, SviMethod,
 };
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -125,6 +125,12 @@ settings! {
     /// Hessian-vector products: exact (double backward) or fd (differences).
     #[arg(value_enum)]
     hvp: one HvpKind = HvpKind::Exact;
+    /// Derivatives of the inner ELBO in λ (refinement, Newton, adjoint): analytic
+    /// (hand-derived passes of the MLP decoder; text models use autograd) or autograd
+    /// (candle's backward and double backward, the reference).
+    #[serde(default = "autograd_passes")]
+    #[arg(value_enum)]
+    passes: one Passes = Passes::Analytic;
     /// Noise samples S per ELBO estimate.
     samples: one usize = 1;
     /// KL weight β at the start of training.
@@ -182,6 +188,11 @@ fn refined_encoder() -> EncoderLoss {
 /// Runs written before `outer_noise` existed used the refinement's own draws.
 fn same_noise() -> OuterNoise {
     OuterNoise::Same
+}
+
+/// Runs written before `passes` existed used autograd (and resume with its arithmetic).
+fn autograd_passes() -> Passes {
+    Passes::Autograd
 }
 
 fn default_stationarity_tol() -> f64 {
@@ -431,6 +442,7 @@ impl TrainConfig {
             mode: self.mode(),
             beta,
             svi: self.svi_config(),
+            passes: self.passes,
         }
     }
 }

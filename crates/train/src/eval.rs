@@ -31,6 +31,8 @@ pub struct EvalOptions {
     pub refine_samples: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// Derivatives of the refinement's objective.
+    pub passes: savae_model::Passes,
 }
 
 /// How far an evaluation is, for a progress display: examples done of the total, and
@@ -294,7 +296,14 @@ pub fn evaluate_with_progress(
             let lambda = if opts.refine {
                 let eps_r = batch::noise(&mut rng, opts.refine_samples, b, d, dtype, device)?;
                 let r = crate::step::refine_elbo(
-                    &dec_det, &x, &eps_r, 1.0, &lambda0.0, &opts.svi, false,
+                    &dec_det,
+                    &x,
+                    &eps_r,
+                    1.0,
+                    &lambda0.0,
+                    &opts.svi,
+                    false,
+                    opts.passes,
                 )?;
                 tot.add_refinement(&r);
                 VariationalParams(r.lambda)
@@ -469,6 +478,9 @@ pub struct EvalRequest {
     pub batch_size: Option<usize>,
     pub seed: u64,
     pub data_dir: std::path::PathBuf,
+    /// Derivatives of the refinement's objective (the same numbers either way, up to
+    /// rounding; analytic is faster).
+    pub passes: savae_model::Passes,
 }
 
 /// The loaded pieces of an evaluation, for callers that draw from them.
@@ -526,6 +538,7 @@ pub fn evaluate_checkpoint(
         refine_samples: req.refine_samples.unwrap_or(cfg.samples.max(8)).max(1),
         batch_size: bs,
         seed: req.seed,
+        passes: req.passes,
     };
     let report = evaluate_with_progress(&model, &s, req.split.name(), &options, device, progress)?;
     let mut json = serde_json::to_value(&report)?;

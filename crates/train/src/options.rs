@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub use savae_implicit::HvpKind;
 pub use savae_inference::SviMethod;
-pub use savae_model::{Activation, ModelKind};
+pub use savae_model::{Activation, ModelKind, Passes};
 
 /// How the SA-VAE loss is differentiated through the refinement (`savae` only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -13,7 +13,9 @@ use savae_implicit::{
     BatchedOperator, ExactHvp, FdHvp, ShiftedSolve, ValueGrad,
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
-use savae_model::{elbo, Batch, Decoder, Noise, Vae, VariationalParams};
+use savae_model::{
+    elbo, Batch, Decoder, MlpElbo, MlpElboPoint, Noise, Passes, Vae, VariationalParams,
+};
 use serde::Serialize;
 
 /// The training mode: the model, and for SA-VAE the gradient strategy through the
@@ -89,6 +91,8 @@ pub struct StepConfig {
     pub beta: f64,
     /// The refinement (refining modes).
     pub svi: SviConfig,
+    /// How the inner ELBO's derivatives in λ are computed (refinement, Newton, adjoint).
+    pub passes: Passes,
 }
 
 /// Refinement diagnostics of a step.
@@ -183,21 +187,94 @@ fn elbo_vg(
     )
 }
 
-/// (values, ∇_λ Σ values) of the ELBO with a detached decoder (no parameter gradients).
-fn elbo_grad_fn<'a>(
-    decoder: &'a Decoder,
-    x: &'a Batch,
-    eps: &'a Noise,
-    beta: f64,
-) -> impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a {
-    move |lam: &Tensor| {
-        let vg = elbo_vg(decoder, x, eps, beta, lam)?;
-        Ok((vg.values.detach(), vg.grad.detach()))
+/// The inner objective λ ↦ ELBO_β(λ) of a decoder held constant (detached), per
+/// example, with its derivatives in λ computed by `passes`: the hand-derived passes of
+/// [`savae_model::analytic`] where the decoder has them (the MLP), else candle's autograd
+/// (the reference). This is the seam between the objective and what differentiates it:
+/// the refinement and the adjoint solve see only values, gradients and operators.
+#[derive(Clone, Copy)]
+pub struct InnerElbo<'a> {
+    pub decoder: &'a Decoder,
+    pub x: &'a Batch,
+    pub eps: &'a Noise,
+    pub beta: f64,
+    pub passes: Passes,
+}
+
+/// Hessian-vector products of the analytic passes at a fixed λ.
+struct AnalyticHvp(MlpElboPoint);
+
+impl BatchedOperator for AnalyticHvp {
+    fn apply(&self, v: &Tensor) -> Result<Tensor> {
+        self.0.hvp(v)
     }
 }
 
-/// Refines `lambda0` on the ELBO of `decoder` (detached) with `svi`; the Newton optimizer
-/// gets exact Hessian-vector products of the same ELBO.
+impl<'a> InnerElbo<'a> {
+    /// The analytic passes, when `passes` asks for them and the decoder has them.
+    fn analytic(&self) -> Option<MlpElbo<'a>> {
+        match (self.passes, self.decoder, self.x) {
+            (Passes::Analytic, Decoder::Mlp(mlp), Batch::Images(x)) => Some(MlpElbo {
+                mlp,
+                x,
+                eps: self.eps,
+                beta: self.beta,
+            }),
+            _ => None,
+        }
+    }
+
+    /// (f(λ): [B], ∇_λ Σ f: [B, n]), detached.
+    pub fn value_and_grad(&self, lambda: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self.analytic() {
+            Some(a) => {
+                let p = a.at(lambda, false)?;
+                Ok((p.values, p.grad))
+            }
+            None => {
+                let vg = elbo_vg(self.decoder, self.x, self.eps, self.beta, lambda)?;
+                Ok((vg.values.detach(), vg.grad.detach()))
+            }
+        }
+    }
+
+    /// The value, the gradient and the Hessian at λ as an operator (the work that
+    /// depends only on λ done once, for every product).
+    pub fn with_hessian(
+        &self,
+        lambda: &Tensor,
+    ) -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> {
+        match self.analytic() {
+            Some(a) => {
+                let p = a.at(lambda, true)?;
+                Ok((p.values.clone(), p.grad.clone(), Box::new(AnalyticHvp(p))))
+            }
+            None => {
+                let vg = elbo_vg(self.decoder, self.x, self.eps, self.beta, lambda)?;
+                let (v, g) = (vg.values.detach(), vg.grad.detach());
+                Ok((
+                    v,
+                    g,
+                    Box::new(ExactHvp {
+                        lambda: vg.lambda,
+                        grad: vg.grad,
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// Refines `lambda0` on this objective with `svi` (Newton gets its Hessians).
+    pub fn refine(&self, lambda0: &Tensor, svi: &SviConfig, keep_path: bool) -> Result<Refinement> {
+        let gf = |l: &Tensor| self.value_and_grad(l);
+        let oracle = |l: &Tensor| self.with_hessian(l);
+        refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+    }
+}
+
+/// Refines `lambda0` on the ELBO of `decoder` (detached) with `svi`, derivatives by
+/// `passes`; the Newton optimizer gets Hessian-vector products of the same ELBO.
+#[allow(clippy::too_many_arguments)]
 pub fn refine_elbo(
     decoder: &Decoder,
     x: &Batch,
@@ -206,21 +283,16 @@ pub fn refine_elbo(
     lambda0: &Tensor,
     svi: &SviConfig,
     keep_path: bool,
+    passes: Passes,
 ) -> Result<Refinement> {
-    let gf = elbo_grad_fn(decoder, x, eps, beta);
-    let oracle = |l: &Tensor| -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> {
-        let vg = elbo_vg(decoder, x, eps, beta, l)?;
-        let (v, g) = (vg.values.detach(), vg.grad.detach());
-        Ok((
-            v,
-            g,
-            Box::new(ExactHvp {
-                lambda: vg.lambda,
-                grad: vg.grad,
-            }),
-        ))
-    };
-    refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+    InnerElbo {
+        decoder,
+        x,
+        eps,
+        beta,
+        passes,
+    }
+    .refine(lambda0, svi, keep_path)
 }
 
 fn collect(store: &GradStore, model: &Vae, scale: f64) -> Result<Vec<Tensor>> {
@@ -312,7 +384,14 @@ pub fn train_step_outer(
             })
         }
         Mode::Svi | Mode::VaeSvi => {
-            let r = refine_elbo(&dec_det, x, eps, beta, &lambda0.0, &cfg.svi, false)?;
+            let inner = InnerElbo {
+                decoder: &dec_det,
+                x,
+                eps,
+                beta,
+                passes: cfg.passes,
+            };
+            let r = inner.refine(&lambda0.0, &cfg.svi, false)?;
             let refined = VariationalParams(r.lambda.clone());
             let t = elbo(&model.decoder, x, &refined, outer, beta)?;
             let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
@@ -352,6 +431,7 @@ pub fn train_step_outer(
                 beta,
                 lambda0: &lambda0,
                 dec_det: &dec_det,
+                passes: cfg.passes,
             };
             savae_step(&inputs, &cfg.svi, gradient, encoder_loss)
         }
@@ -370,9 +450,21 @@ struct SavaeInputs<'a> {
     lambda0: &'a VariationalParams,
     /// The decoder with its parameters detached.
     dec_det: &'a Decoder,
+    passes: Passes,
 }
 
-impl SavaeInputs<'_> {
+impl<'a> SavaeInputs<'a> {
+    /// The inner objective (the refinement's draws, decoder constant).
+    fn inner(&self) -> InnerElbo<'a> {
+        InnerElbo {
+            decoder: self.dec_det,
+            x: self.x,
+            eps: self.eps,
+            beta: self.beta,
+            passes: self.passes,
+        }
+    }
+
     /// The inner ELBO at `lambda` with the model's decoder (parameter gradients kept).
     fn inner_at(&self, lambda: &Tensor) -> Result<ValueGrad> {
         elbo_vg(&self.model.decoder, self.x, self.eps, self.beta, lambda)
@@ -399,7 +491,7 @@ fn savae_step(
 ) -> Result<StepOutput> {
     let (model, b) = (s.model, s.x.len() as f64);
     let unrolled = gradient == SavaeGradient::Unrolled;
-    let r = refine_elbo(s.dec_det, s.x, s.eps, s.beta, &s.lambda0.0, svi, unrolled)?;
+    let r = s.inner().refine(&s.lambda0.0, svi, unrolled)?;
     let e0 = r
         .trace
         .first()
@@ -494,19 +586,13 @@ fn implicit_gradient(
         .iter()
         .map(|&n| !(n.is_finite() && n <= imp.stationarity_tol))
         .collect();
-    let gf = elbo_grad_fn(s.dec_det, s.x, s.eps, s.beta);
+    let inner = s.inner();
     let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
-    // HVPs on a graph without parameter gradients (cheaper backward passes).
+    // HVPs of the constant-decoder objective (no parameter gradients).
     let op: Box<dyn BatchedOperator + '_> = match imp.hvp {
-        HvpKind::Exact => {
-            let det = elbo_vg(s.dec_det, s.x, s.eps, s.beta, &r.lambda)?;
-            Box::new(ExactHvp {
-                lambda: det.lambda,
-                grad: det.grad,
-            })
-        }
+        HvpKind::Exact => inner.with_hessian(&r.lambda)?.2,
         HvpKind::FiniteDifference => Box::new(FdHvp {
-            grad_fn: |l: &Tensor| Ok(gf(l)?.1),
+            grad_fn: move |l: &Tensor| Ok(inner.value_and_grad(l)?.1),
             lambda: r.lambda.clone(),
             rel_step: rel,
         }),

@@ -65,7 +65,9 @@ impl std::fmt::Display for RunFolderTaken {
 impl std::error::Error for RunFolderTaken {}
 
 /// The settings a resumed run may change; any other difference is refused.
-pub const RESUMABLE_CHANGES: &[&str] = &["epochs", "log_every", "valid_examples"];
+/// `passes` changes only the arithmetic of the same derivatives: a resume that changes
+/// it continues the run, though not bit-identically.
+pub const RESUMABLE_CHANGES: &[&str] = &["epochs", "log_every", "valid_examples", "passes"];
 
 /// Σ loss · examples, examples and the numerical-fault counters of the current epoch.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -755,6 +757,7 @@ impl Trainer {
             refine_samples: cfg.samples,
             batch_size: cfg.batch_size,
             seed: cfg.seed,
+            passes: cfg.passes,
         };
         let v = evaluate(&self.model, &self.valid, "valid", &eopts, &self.opts.device)?;
         let vel = if cfg.model.refines() {
