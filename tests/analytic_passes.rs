@@ -19,7 +19,7 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 #[test]
-fn analytic_gradient_and_hvp_match_autograd_for_every_activation() {
+fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation() {
     savae_implicit::enable_second_order();
     let dev = Device::Cpu;
     let (b, d, p, s) = (4, 3, 10, 3);
@@ -84,6 +84,40 @@ fn analytic_gradient_and_hvp_match_autograd_for_every_activation() {
             ev < 1e-12 && eg < 1e-10 && eh < 1e-10,
             "{act:?}: value {ev:e}, grad {eg:e}, hvp {eh:e}"
         );
+        // The mixed product ∇_θ(vᵀ∇_λ f) against double backward through the graph
+        // with the decoder's parameters.
+        let with_params = value_and_grad(
+            |l| {
+                Ok(elbo(
+                    &model.decoder,
+                    &batch,
+                    &VariationalParams(l.clone()),
+                    &eps,
+                    beta,
+                )?
+                .elbo)
+            },
+            &lambda,
+        )
+        .unwrap();
+        let params: Vec<Tensor> = model
+            .decoder_params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let want = savae_implicit::mixed_product_exact(&with_params, &v, &refs).unwrap();
+        let (hv, got) = pt.hvp_and_mixed(&v).unwrap();
+        assert!(rel(&hv, &ref_hvp) < 1e-10);
+        assert_eq!(got.len(), want.len());
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.dims(), w.dims(), "{act:?}: parameter {k}");
+            let e = rel(g, w);
+            assert!(
+                e < 1e-10,
+                "{act:?}: mixed product of parameter {k} off by {e:e}"
+            );
+        }
         // The gradient-only evaluation gives the same gradient, and refuses products.
         let g_only = analytic.at(&lambda, false).unwrap();
         assert!(rel(&g_only.grad, &pt.grad) == 0.0);

@@ -342,6 +342,24 @@ fn gradcheck_passes_on_a_small_fresh_model() {
     }
     assert_eq!(st.tensor("images").unwrap().shape(), &[2, 784]);
     assert_eq!(gradcheck_meta(&out_file), v, "the file carries the report");
+    assert_eq!(s["passes"], "analytic");
+    // The autograd reference passes the same check.
+    let out = ok(&[
+        "gradcheck",
+        "--examples",
+        "2",
+        "--fd-params",
+        "4",
+        "--svi-steps",
+        "1500",
+        "--passes",
+        "autograd",
+    ]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (&r["pass"], &r["settings"]["passes"]),
+        (&true.into(), &"autograd".into())
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use rand::SeedableRng;
 use savae_model::Vae;
 use savae_train::adam::Adam;
-use savae_train::options::{GradientKind, ModelKind};
+use savae_train::options::{GradientKind, ModelKind, Passes};
 use savae_train::step::train_step;
 use savae_train::TrainConfig;
 use serde_json::json;
@@ -29,6 +29,14 @@ pub struct BenchArgs {
         default_value = "vae,vae-svi,savae-unrolled,savae-implicit"
     )]
     pub modes: Vec<BenchMode>,
+    /// Derivative passes of the inner ELBO to time (comma separated): analytic, autograd.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "analytic,autograd"
+    )]
+    pub passes: Vec<Passes>,
     /// SVI steps K (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "5,20,50")]
     pub k: Vec<usize>,
@@ -255,8 +263,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 (a.hidden.clone(), a.latent_dim)
             };
-            for &k in &ks {
+            // The plain vae (and lm) step has no inner derivatives: one path to time.
+            let passes: Vec<Passes> = if model_kind.refines() {
+                a.passes.clone()
+            } else {
+                a.passes.first().copied().into_iter().collect()
+            };
+            for (&k, &passes) in ks.iter().flat_map(|k| passes.iter().map(move |p| (k, p))) {
                 let cfg = TrainConfig {
+                    passes,
                     model: model_kind,
                     grad,
                     batch_size: b,
@@ -296,6 +311,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mut line = json!({
                     "dataset": a.dataset,
                     "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
+                    "passes": if model_kind.refines() { Some(passes.name()) } else { None },
                     "k": if mode.refines() { Some(k) } else { None },
                     "cg_iters": (*m == BenchMode::SavaeImplicit).then_some(a.cg_iters),
                     "cg_iters_mean": cg_mean,

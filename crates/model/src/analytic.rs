@@ -14,8 +14,15 @@
 //! δ'_i = g'_{h_i} ⊙ φ'(a_i) + g_{h_i} ⊙ φ''(a_i) ⊙ a'_i, g'_{h_{i−1}} = δ'_i W_i:
 //!   (Hv)_μ = (1/S) Σ_s g'_z − β v_μ,
 //!   (Hv)_ℓ = (1/S) Σ_s [g'_z ⊙ ε σ/2 + g_z ⊙ ε σ/4 ⊙ v_ℓ] − β e^ℓ/2 ⊙ v_ℓ.
-//! No weight gradient is formed: every matmul is one the math needs (two per layer for
-//! the gradient, two more per product).
+//! No weight gradient is formed for these: every matmul is one the math needs (two per
+//! layer for the gradient, two more per product).
+//!
+//! The mixed product ∇_θ(vᵀ∇_λ f) (the decoder's term of the implicit gradient, and of
+//! each step of the unrolled backward) is, by the symmetry of mixed partials, the tangent
+//! of the weight gradient along v: with δ_i = ∂(S·f)/∂a_i and h_0 = z,
+//!   ∂f/∂W_i = (1/S) Σ_n δ_iᵀ h_{i−1}  ⇒  mixed_{W_i} = (1/S) Σ_n (δ'_iᵀ h_{i−1} + δ_iᵀ h'_{i−1}),
+//!   mixed_{b_i} = (1/S) Σ_n δ'_i,
+//! from the tangents the product already computes (two more matmuls per layer).
 
 use crate::activation::softplus;
 use crate::{Activation, Mlp, Noise};
@@ -103,6 +110,10 @@ struct HessianCache {
     gz_eps_quarter: Tensor,
     /// β e^ℓ/2: `[B, d]`.
     kl_logvar_curv: Tensor,
+    /// The input of each layer (h_0 = z, h_1, …, h_{L−1}): `[N, in_i]`.
+    inputs: Vec<Tensor>,
+    /// δ_i = ∂(S·f)/∂a_i of each layer (the last: x − sigmoid(o)): `[N, out_i]`.
+    deltas: Vec<Tensor>,
     /// S, B, d.
     dims: (usize, usize, usize),
 }
@@ -127,6 +138,7 @@ impl<'a> MlpElbo<'a> {
         let layers = &self.mlp.layers;
         let last = layers.len() - 1;
         let mut h = z.reshape((n, d))?;
+        let z_flat = h.clone();
         let mut pre = Vec::with_capacity(last);
         let mut post = Vec::with_capacity(last);
         for layer in &layers[..last] {
@@ -150,6 +162,7 @@ impl<'a> MlpElbo<'a> {
         let mut gh = delta.matmul(&layers[last].weight)?;
         let mut dphi = Vec::with_capacity(last);
         let mut gh_d2phi = Vec::with_capacity(last);
+        let mut deltas = vec![delta];
         for i in (0..last).rev() {
             let (d1, d2) = derivatives(self.mlp.activation, &pre[i], &post[i])?;
             if for_hessian {
@@ -158,11 +171,13 @@ impl<'a> MlpElbo<'a> {
             let delta_i = (&gh * &d1)?;
             if for_hessian {
                 dphi.push(d1);
+                deltas.push(delta_i.clone());
             }
             gh = delta_i.matmul(&layers[i].weight)?;
         }
         dphi.reverse();
         gh_d2phi.reverse();
+        deltas.reverse();
         let gz = gh.reshape((s, b, d))?;
         let eps_half_sigma = self.eps.0.broadcast_mul(&(&sigma * 0.5)?)?;
         let grad_mu = ((gz.sum(0)? / s as f64)? - (&mu * self.beta)?)?;
@@ -178,6 +193,8 @@ impl<'a> MlpElbo<'a> {
                 eps_half_sigma,
                 gz_eps_quarter: (gz_eps * 0.5)?,
                 kl_logvar_curv: (&var * (0.5 * self.beta))?,
+                inputs: std::iter::once(z_flat).chain(post).collect(),
+                deltas,
                 dims: (s, b, d),
             })
         } else {
@@ -196,6 +213,16 @@ impl MlpElboPoint {
     /// H v for `v: [B, 2d]` (row b: the Hessian of f_b at λ_b times v_b). Needs a point
     /// made with `for_hessian`.
     pub fn hvp(&self, v: &Tensor) -> Result<Tensor> {
+        Ok(self.products(v, false)?.0)
+    }
+
+    /// H v and the mixed product ∇_θ(vᵀ∇_λ f) for the decoder's parameters, in the
+    /// order weight, bias of each layer (`decoder.layers.{i}.weight|bias`).
+    pub fn hvp_and_mixed(&self, v: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        self.products(v, true)
+    }
+
+    fn products(&self, v: &Tensor, mixed: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let Some(c) = &self.cache else {
             bail!("this ELBO point was evaluated without its Hessian cache");
         };
@@ -203,7 +230,7 @@ impl MlpElboPoint {
         let n = s * b;
         let v_mu = v.narrow(1, 0, d)?;
         let v_lv = v.narrow(1, d, d)?;
-        // Forward tangent.
+        // Forward tangent: a'_i and h'_{i−1} (the tangent of each layer's input).
         let zt = c
             .eps_half_sigma
             .broadcast_mul(&v_lv)?
@@ -211,27 +238,44 @@ impl MlpElboPoint {
         let last = c.weights.len() - 1;
         let mut ht = zt.reshape((n, d))?;
         let mut at = Vec::with_capacity(last);
+        let mut input_t = Vec::with_capacity(last + 1);
         for i in 0..last {
             let a = ht.matmul(&c.weights[i].t()?)?;
+            input_t.push(ht);
             ht = (&a * &c.dphi[i])?;
             at.push(a);
         }
         let ot = ht.matmul(&c.weights[last].t()?)?;
-        // Reverse tangent.
-        let delta = (ot * &c.sig_var)?.neg()?;
-        let mut gh = delta.matmul(&c.weights[last])?;
-        for i in (0..last).rev() {
-            let mut delta_i = (&gh * &c.dphi[i])?;
-            if let Some(k) = &c.gh_d2phi[i] {
-                delta_i = (delta_i + (k * &at[i])?)?;
+        input_t.push(ht);
+        // Reverse tangent: δ'_i, and the mixed product from δ'_i, δ_i and the inputs.
+        let inv_s = 1.0 / s as f64;
+        let mut grads = Vec::new();
+        let mut delta_t = (ot * &c.sig_var)?.neg()?;
+        for i in (0..=last).rev() {
+            if i < last {
+                let gh = delta_t.matmul(&c.weights[i + 1])?;
+                let mut dt = (&gh * &c.dphi[i])?;
+                if let Some(k) = &c.gh_d2phi[i] {
+                    dt = (dt + (k * &at[i])?)?;
+                }
+                delta_t = dt;
             }
-            gh = delta_i.matmul(&c.weights[i])?;
+            if mixed {
+                let w =
+                    (delta_t.t()?.matmul(&c.inputs[i])? + c.deltas[i].t()?.matmul(&input_t[i])?)?;
+                grads.push(((w * inv_s)?, (delta_t.sum(0)? * inv_s)?));
+            }
         }
+        let gh = delta_t.matmul(&c.weights[0])?;
         let gzt = gh.reshape((s, b, d))?;
         let h_mu = ((gzt.sum(0)? / s as f64)? - (&v_mu * self.beta)?)?;
         let h_lv = ((((&gzt * &c.eps_half_sigma)?.sum(0)? / s as f64)?
             + (&c.gz_eps_quarter * &v_lv)?)?
             - (&c.kl_logvar_curv * &v_lv)?)?;
-        Ok(Tensor::cat(&[&h_mu, &h_lv], 1)?)
+        let hv = Tensor::cat(&[&h_mu, &h_lv], 1)?;
+        Ok((
+            hv,
+            grads.into_iter().rev().flat_map(|(w, b)| [w, b]).collect(),
+        ))
     }
 }

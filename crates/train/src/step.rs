@@ -210,6 +210,15 @@ impl BatchedOperator for AnalyticHvp {
     }
 }
 
+/// The same, borrowing a point that is used for more (the mixed product).
+struct PointHvp<'p>(&'p MlpElboPoint);
+
+impl BatchedOperator for PointHvp<'_> {
+    fn apply(&self, v: &Tensor) -> Result<Tensor> {
+        self.0.hvp(v)
+    }
+}
+
 impl<'a> InnerElbo<'a> {
     /// The analytic passes, when `passes` asks for them and the decoder has them.
     fn analytic(&self) -> Option<MlpElbo<'a>> {
@@ -222,6 +231,12 @@ impl<'a> InnerElbo<'a> {
             }),
             _ => None,
         }
+    }
+
+    /// The analytic point at λ with its Hessian cache (for products and mixed
+    /// products), when the analytic passes apply.
+    fn analytic_point(&self, lambda: &Tensor) -> Result<Option<MlpElboPoint>> {
+        self.analytic().map(|a| a.at(lambda, true)).transpose()
     }
 
     /// (f(λ): [B], ∇_λ Σ f: [B, n]), detached.
@@ -553,7 +568,11 @@ fn unrolled_gradient(
     svi: &SviConfig,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let dec_tensors = s.decoder_tensors();
+    let inner = s.inner();
     let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(p) = inner.analytic_point(lam)? {
+            return p.hvp_and_mixed(&w.detach());
+        }
         let vg = s.inner_at(lam)?;
         let mut refs = vec![vg.lambda.as_tensor()];
         refs.extend(dec_tensors.iter());
@@ -589,9 +608,15 @@ fn implicit_gradient(
     let inner = s.inner();
     let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
     // HVPs of the constant-decoder objective (no parameter gradients).
-    let op: Box<dyn BatchedOperator + '_> = match imp.hvp {
-        HvpKind::Exact => inner.with_hessian(&r.lambda)?.2,
-        HvpKind::FiniteDifference => Box::new(FdHvp {
+    // The analytic point at λ* serves the products and the mixed term.
+    let point = match imp.hvp {
+        HvpKind::Exact => inner.analytic_point(&r.lambda)?,
+        HvpKind::FiniteDifference => None,
+    };
+    let op: Box<dyn BatchedOperator + '_> = match (imp.hvp, &point) {
+        (HvpKind::Exact, Some(p)) => Box::new(PointHvp(p)),
+        (HvpKind::Exact, None) => inner.with_hessian(&r.lambda)?.2,
+        (HvpKind::FiniteDifference, _) => Box::new(FdHvp {
             grad_fn: move |l: &Tensor| Ok(inner.value_and_grad(l)?.1),
             lambda: r.lambda.clone(),
             rel_step: rel,
@@ -600,12 +625,13 @@ fn implicit_gradient(
     let sol = solve_adjoint(op.as_ref(), g, gamma, &imp.solve, &untrusted)?;
     let dec_tensors = s.decoder_tensors();
     let dec_refs: Vec<&Tensor> = dec_tensors.iter().collect();
-    let mixed = match imp.hvp {
-        HvpKind::Exact => match outer_is_inner {
+    let mixed = match (imp.hvp, &point) {
+        (HvpKind::Exact, Some(p)) => p.hvp_and_mixed(&sol.u_solved)?.1,
+        (HvpKind::Exact, None) => match outer_is_inner {
             Some(at_opt) => mixed_product_exact(at_opt, &sol.u_solved, &dec_refs)?,
             None => mixed_product_exact(&s.inner_at(&r.lambda)?, &sol.u_solved, &dec_refs)?,
         },
-        HvpKind::FiniteDifference => {
+        (HvpKind::FiniteDifference, _) => {
             let theta_grad_fn = |l: &Tensor| -> Result<Vec<Tensor>> {
                 let vg = s.inner_at(l)?;
                 dec_refs
