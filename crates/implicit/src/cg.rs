@@ -7,9 +7,9 @@
 //! carry on unaffected. Examples still running after `max_iters` end as `MaxIterations`
 //! with their current iterate and residual reported.
 
-use crate::{column, operator::BatchedOperator, row_dot};
+use crate::operator::BatchedOperator;
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// CG settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -76,93 +76,127 @@ impl CgReport {
     }
 }
 
-fn mask_rows(mask: &[bool], like: &Tensor) -> Result<Tensor> {
-    let m: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-    Ok(Tensor::from_vec(m, (mask.len(), 1), like.device())?
-        .broadcast_as(like.shape())?
-        .contiguous()?)
+/// How often (in iterations) the solver asks the host whether any example still runs:
+/// the only host round trip inside the loop. On a GPU that is a synchronisation, so it is
+/// asked every 4 iterations (a converged batch may run up to 3 masked products more); on
+/// the CPU it costs nothing and is asked every iteration.
+fn check_every(t: &Tensor) -> usize {
+    if t.device().is_cpu() {
+        1
+    } else {
+        4
+    }
+}
+
+/// Status codes of the per-example state held on the device.
+const RUNNING: f64 = 0.0;
+const CONVERGED: f64 = 1.0;
+const NEGATIVE_CURVATURE: f64 = 2.0;
+const NON_FINITE: f64 = 3.0;
+
+/// 1 where `t` is finite, else 0 (0·t is 0 for finite t, NaN for ±inf and NaN).
+fn finite(t: &Tensor) -> Result<Tensor> {
+    Ok((t * 0.0)?.eq(0.0)?.to_dtype(t.dtype())?)
 }
 
 /// Solves `A x = b` for `b: [B, n]`; returns `x: [B, n]` and the report. Rows that fail
 /// are returned as zeros (never NaN) with their status set: the caller decides.
+///
+/// The per-example scalars (r_bᵀr_b, p_bᵀA_b p_b, α_b, β_b, status, iteration count)
+/// live on the device as `[B, 1]` columns, in f64 whatever the system's dtype (the
+/// products are summed in the system's dtype, as the operator's arithmetic is): the loop
+/// brings nothing to the host but one "still running?" count every few iterations
+/// ([`check_every`]), and the report is read once at the end.
 pub fn batched_cg(
     op: &dyn BatchedOperator,
     b: &Tensor,
     cfg: &CgConfig,
 ) -> Result<(Tensor, CgReport)> {
     let nb = b.dim(0)?;
+    let dt = b.dtype();
+    let dot = |u: &Tensor, v: &Tensor| -> Result<Tensor> {
+        Ok((u * v)?.sum_keepdim(1)?.to_dtype(DType::F64)?)
+    };
     let mut x = b.zeros_like()?;
     let mut r = b.clone();
     let mut p = b.clone();
-    let mut rs = row_dot(&r, &r)?;
-    let bnorm: Vec<f64> = rs.iter().map(|v| v.sqrt()).collect();
-    let mut status = vec![CgStatus::MaxIterations; nb];
-    let mut active = vec![false; nb];
-    for i in 0..nb {
-        if !bnorm[i].is_finite() {
-            status[i] = CgStatus::NonFinite;
-        } else if bnorm[i] == 0.0 {
-            status[i] = CgStatus::Converged;
-        } else {
-            active[i] = true;
-        }
-    }
-    let mut iterations = vec![0usize; nb];
-    for _ in 0..cfg.max_iters {
-        if !active.iter().any(|&a| a) {
+    let mut rs = dot(&r, &r)?;
+    let bnorm = rs.sqrt()?;
+    let tol_b = (&bnorm * cfg.tol)?;
+    // Status: non-finite right-hand sides fail, zero ones have converged.
+    let zero = bnorm.zeros_like()?;
+    let b_finite = finite(&bnorm)?;
+    let b_zero = bnorm.eq(0.0)?.to_dtype(DType::F64)?;
+    let mut status = ((&b_zero * CONVERGED)? + ((1.0 - &b_finite)? * NON_FINITE)?)?;
+    let mut active = (&b_finite * (1.0 - &b_zero)?)?;
+    let mut iterations = zero.clone();
+    let every = check_every(b);
+    for it in 0..cfg.max_iters {
+        if it % every == 0 && active.sum_all()?.to_scalar::<f64>()? == 0.0 {
             break;
         }
         let ap = op.apply(&p)?;
-        let pap = row_dot(&p, &ap)?;
-        let mut alpha = vec![0.0; nb];
-        for i in 0..nb {
-            if !active[i] {
-                continue;
-            }
-            if !pap[i].is_finite() {
-                status[i] = CgStatus::NonFinite;
-                active[i] = false;
-            } else if pap[i] <= 0.0 {
-                status[i] = CgStatus::NegativeCurvature;
-                active[i] = false;
-            } else {
-                alpha[i] = rs[i] / pap[i];
-            }
-        }
-        let mask = mask_rows(&active, b)?;
-        let acol = column(&alpha, b)?;
-        x = mask.where_cond(&(&x + p.broadcast_mul(&acol)?)?, &x)?;
-        r = mask.where_cond(&(&r - ap.broadcast_mul(&acol)?)?, &r)?;
-        let rs_new = row_dot(&r, &r)?;
-        let mut beta = vec![0.0; nb];
-        for i in 0..nb {
-            if !active[i] {
-                continue;
-            }
-            iterations[i] += 1;
-            if !rs_new[i].is_finite() {
-                status[i] = CgStatus::NonFinite;
-                active[i] = false;
-            } else if rs_new[i].sqrt() <= cfg.tol * bnorm[i] {
-                status[i] = CgStatus::Converged;
-                active[i] = false;
-            } else {
-                beta[i] = rs_new[i] / rs[i];
-            }
-            rs[i] = rs_new[i];
-        }
-        let mask = mask_rows(&active, b)?;
-        let pnew = (&r + p.broadcast_mul(&column(&beta, b)?)?)?;
-        p = mask.where_cond(&pnew, &p.zeros_like()?)?;
+        let pap = dot(&p, &ap)?;
+        let pap_finite = finite(&pap)?;
+        let pap_pos = pap.gt(0.0)?.to_dtype(DType::F64)?;
+        let bad_nf = (&active * (1.0 - &pap_finite)?)?;
+        let bad_nc = ((&active * &pap_finite)? * (1.0 - &pap_pos)?)?;
+        status = ((status + (&bad_nf * NON_FINITE)?)? + (&bad_nc * NEGATIVE_CURVATURE)?)?;
+        let ok = ((&active * &pap_finite)? * &pap_pos)?;
+        let ok_mask = ok.ne(0.0)?;
+        let alpha = ok_mask.where_cond(&(&rs / &pap)?, &zero)?.to_dtype(dt)?;
+        let mask = ok_mask.broadcast_as(b.shape())?.contiguous()?;
+        x = mask.where_cond(&(&x + p.broadcast_mul(&alpha)?)?, &x)?;
+        r = mask.where_cond(&(&r - ap.broadcast_mul(&alpha)?)?, &r)?;
+        let rs_new = dot(&r, &r)?;
+        iterations = (iterations + &ok)?;
+        let rs_finite = finite(&rs_new)?;
+        let now_nf = (&ok * (1.0 - &rs_finite)?)?;
+        let conv = rs_new.sqrt()?.le(&tol_b)?.to_dtype(DType::F64)?;
+        let now_conv = ((&ok * &rs_finite)? * &conv)?;
+        status = ((status + (&now_nf * NON_FINITE)?)? + (&now_conv * CONVERGED)?)?;
+        active = ((&ok * &rs_finite)? * (1.0 - &conv)?)?;
+        let act_mask = active.ne(0.0)?;
+        let beta = act_mask
+            .where_cond(&(&rs_new / &rs)?, &zero)?
+            .to_dtype(dt)?;
+        rs = ok_mask.where_cond(&rs_new, &rs)?;
+        let pnew = (&r + p.broadcast_mul(&beta)?)?;
+        p = act_mask
+            .broadcast_as(b.shape())?
+            .contiguous()?
+            .where_cond(&pnew, &p.zeros_like()?)?;
     }
-    let failed: Vec<bool> = status.iter().map(|s| s.failed()).collect();
-    if failed.iter().any(|&f| f) {
-        x = mask_rows(&failed, b)?.where_cond(&x.zeros_like()?, &x)?;
-    }
+    // Failed rows become zeros.
+    let failed = status.ge(NEGATIVE_CURVATURE)?;
+    x = failed
+        .broadcast_as(b.shape())?
+        .contiguous()?
+        .where_cond(&x.zeros_like()?, &x)?;
+    // The report, read once.
+    let host = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.flatten_all()?.to_vec1::<f64>()?) };
+    let (codes, iters, rs_h, bn) = (
+        host(&status)?,
+        host(&iterations)?,
+        host(&rs)?,
+        host(&bnorm)?,
+    );
+    let status = codes
+        .iter()
+        .map(|&c| match c {
+            c if c == CONVERGED => CgStatus::Converged,
+            c if c == NEGATIVE_CURVATURE => CgStatus::NegativeCurvature,
+            c if c == NON_FINITE => CgStatus::NonFinite,
+            _ => {
+                debug_assert_eq!(c, RUNNING);
+                CgStatus::MaxIterations
+            }
+        })
+        .collect();
     let residual = (0..nb)
         .map(|i| {
-            if bnorm[i] > 0.0 {
-                rs[i].sqrt() / bnorm[i]
+            if bn[i] > 0.0 {
+                rs_h[i].sqrt() / bn[i]
             } else {
                 0.0
             }
@@ -172,7 +206,7 @@ pub fn batched_cg(
         x,
         CgReport {
             status,
-            iterations,
+            iterations: iters.iter().map(|&k| k as usize).collect(),
             residual,
         },
     ))
