@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WHAT=${1:-mnist}
 BIN=${SAVAE_BIN:-target/release/savae}
-SHARED=${SHARED:-../shared}
+SHARED=$(realpath "${SHARED:-../shared}")
 OUT=${OUT:-bench/results/vs-torch-$(hostname)-$(date +%Y-%m-%d).jsonl}
 STEPS=${STEPS:-10}
 [ -x "$BIN" ] || cargo build --release
@@ -27,7 +27,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   PY=/tmp/torch-ref/bin/python
 fi
 TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+# What was measured is kept even if a later part fails.
+trap 'cat "$TMP"/*.jsonl >> "$OUT" 2>/dev/null; rm -rf "$TMP"' EXIT
 machine=$(printf '{"kind":"machine","host":"%s","cpus":%s,"cpu":"%s","date":"%s","savae_commit":"%s","torch":"%s","torch_threads":%s}' \
   "$(hostname)" "$(nproc)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')" \
   "$(date -u +%FT%TZ)" "$(git rev-parse --short HEAD)" \
@@ -42,11 +43,11 @@ fi
 if [ "$WHAT" = ptb ] || [ "$WHAT" = all ]; then
   "$BIN" bench --device cpu --dataset ptb --modes vae,savae-unrolled,savae-implicit --k 20 \
     --cg-iters 20 --steps 3 --warmup 1 --passes analytic | tee "$TMP/savae-ptb.jsonl"
-  (cd "$SHARED/bench" && "$PY" torch_text_savae.py --configs ptb:256:256:32 --ks 20 --cg 20 \
-    --modes vae,unrolled,implicit --steps 3) | tee "$TMP/torch-ptb.jsonl"
+  (cd "$SHARED/bench" && "$PY" torch_text_savae.py --data "$SHARED/data/ptb" \
+    --configs ptb:256:256:32 --ks 20 --cg 20 --modes vae,unrolled,implicit --steps 3) \
+    | tee "$TMP/torch-ptb.jsonl"
 fi
-cat "$TMP"/savae-*.jsonl "$TMP"/torch-*.jsonl >> "$OUT"
-python3 - "$TMP" >> "$OUT" <<'PY'
+python3 - "$TMP" > "$TMP/ratios.jsonl" <<'PY'
 import json, pathlib, sys
 tmp = pathlib.Path(sys.argv[1])
 torch_name = {"vae": "vae", "vae-svi": "svi_only", "savae-unrolled": "unrolled", "savae-implicit": "implicit"}
@@ -68,4 +69,4 @@ for data in ("mnist", "ptb"):
                               "savae_over_torch": round(v["median_ms"] / ref[m], 3),
                               "savae_peak_mib": round(v["peak_mem_mib"], 1)}))
 PY
-grep '"kind": "ratio"' "$OUT"
+cat "$TMP/ratios.jsonl"

@@ -264,7 +264,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 (a.hidden.clone(), a.latent_dim)
             };
             // The plain vae (and lm) step has no inner derivatives: one path to time.
-            let passes: Vec<Passes> = if model_kind.refines() {
+            let passes: Vec<Passes> = if model_kind.refines() && !text {
                 a.passes.clone()
             } else {
                 a.passes.first().copied().into_iter().collect()
@@ -311,7 +311,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mut line = json!({
                     "dataset": a.dataset,
                     "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
-                    "passes": if model_kind.refines() { Some(passes.name()) } else { None },
+                    // The analytic passes are the MLP decoder's; text runs autograd.
+                    "passes": model_kind.refines().then_some(if text { "autograd" } else { passes.name() }),
                     "k": if mode.refines() { Some(k) } else { None },
                     "cg_iters": (*m == BenchMode::SavaeImplicit).then_some(a.cg_iters),
                     "cg_iters_mean": cg_mean,
