@@ -18,37 +18,50 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     (num / den.max(1e-300)).sqrt()
 }
 
+const ACTIVATIONS: [Activation; 4] = [
+    Activation::Softplus,
+    Activation::Tanh,
+    Activation::Relu,
+    Activation::Elu,
+];
+
+/// A small f64 image model (latent d, the given hidden sizes, p pixels), seeded.
+fn mlp_model(act: Activation, d: usize, hidden: &[usize], p: usize, seed: u64) -> Vae {
+    let cfg = ModelConfig {
+        kind: savae_model::ModelKind::Savae,
+        latent_dim: d,
+        hidden: hidden.to_vec(),
+        activation: act,
+        input_dim: p,
+        vocab_size: 0,
+        embed_dim: 0,
+        dropout: 0.0,
+    };
+    Vae::new(&cfg, seed, DType::F64, &Device::Cpu).unwrap()
+}
+
+/// Binary images `[b, p]` and draws `[s, b, d]`, deterministic.
+fn batch(b: usize, p: usize, s: usize, d: usize) -> (Tensor, Noise) {
+    let dev = Device::Cpu;
+    let xs: Vec<f64> = (0..b * p)
+        .map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64)
+        .collect();
+    let e: Vec<f64> = (0..s * b * d).map(|i| ((i as f64) * 0.77).sin()).collect();
+    (
+        Tensor::from_vec(xs, (b, p), &dev).unwrap(),
+        Noise(Tensor::from_vec(e, (s, b, d), &dev).unwrap()),
+    )
+}
+
 #[test]
 fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation() {
     savae_implicit::enable_second_order();
     let dev = Device::Cpu;
     let (b, d, p, s) = (4, 3, 10, 3);
-    for act in [
-        Activation::Softplus,
-        Activation::Tanh,
-        Activation::Relu,
-        Activation::Elu,
-    ] {
-        let cfg = ModelConfig {
-            kind: savae_model::ModelKind::Savae,
-            latent_dim: d,
-            hidden: vec![7, 5],
-            activation: act,
-            input_dim: p,
-            vocab_size: 0,
-            embed_dim: 0,
-            dropout: 0.0,
-        };
-        let model = Vae::new(&cfg, 11, DType::F64, &dev).unwrap();
+    for act in ACTIVATIONS {
+        let model = mlp_model(act, d, &[7, 5], p, 11);
         let dec = model.decoder.detached();
-        let xs: Vec<f64> = (0..b * p)
-            .map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64)
-            .collect();
-        let x = Tensor::from_vec(xs, (b, p), &dev).unwrap();
-        let e: Vec<f64> = (0..s * b * d)
-            .map(|i| ((i as f64) * 0.77).sin() * 1.3)
-            .collect();
-        let eps = Noise(Tensor::from_vec(e, (s, b, d), &dev).unwrap());
+        let (x, eps) = batch(b, p, s, d);
         let l: Vec<f64> = (0..b * 2 * d)
             .map(|i| ((i as f64) * 0.31).cos() * 0.8)
             .collect();
@@ -151,31 +164,11 @@ fn training_steps_agree_on_both_paths() {
     use savae_train::step::train_step;
     use savae_train::Mode;
     savae_implicit::enable_second_order();
-    let dev = Device::Cpu;
     let (b, d, p, s) = (3, 2, 12, 2);
-    for act in [
-        Activation::Softplus,
-        Activation::Tanh,
-        Activation::Relu,
-        Activation::Elu,
-    ] {
-        let cfg = ModelConfig {
-            kind: savae_model::ModelKind::Savae,
-            latent_dim: d,
-            hidden: vec![6],
-            activation: act,
-            input_dim: p,
-            vocab_size: 0,
-            embed_dim: 0,
-            dropout: 0.0,
-        };
-        let model = Vae::new(&cfg, 3, DType::F64, &dev).unwrap();
-        let xs: Vec<f64> = (0..b * p)
-            .map(|i| ((i * 7 + 3) % 5 < 2) as u8 as f64)
-            .collect();
-        let x = Batch::Images(Tensor::from_vec(xs, (b, p), &dev).unwrap());
-        let e: Vec<f64> = (0..s * b * d).map(|i| ((i as f64) * 0.77).sin()).collect();
-        let eps = Noise(Tensor::from_vec(e, (s, b, d), &dev).unwrap());
+    for act in ACTIVATIONS {
+        let model = mlp_model(act, d, &[6], p, 3);
+        let (x, eps) = batch(b, p, s, d);
+        let x = Batch::Images(x);
         let newton = {
             let mut c = common::step_cfg(Mode::VaeSvi, 4);
             c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);

@@ -201,6 +201,17 @@ pub struct InnerElbo<'a> {
     pub passes: Passes,
 }
 
+/// Analytic points of a refinement's λ_k, by the id of the λ tensor they were taken at.
+#[derive(Default)]
+struct Points(std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, MlpElboPoint>>);
+
+impl Points {
+    /// The point at `lambda` if the refinement kept it (taken out: each is used once).
+    fn take(&self, lambda: &Tensor) -> Option<MlpElboPoint> {
+        self.0.borrow_mut().remove(&lambda.id())
+    }
+}
+
 /// Hessian-vector products of the analytic passes at a fixed λ.
 struct AnalyticHvp(MlpElboPoint);
 
@@ -284,6 +295,31 @@ impl<'a> InnerElbo<'a> {
         let gf = |l: &Tensor| self.value_and_grad(l);
         let oracle = |l: &Tensor| self.with_hessian(l);
         refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+    }
+
+    /// [`InnerElbo::refine`] keeping its path for the unrolled backward and, on the
+    /// analytic passes, the point (with its Hessian cache) of every λ_k it visited, so
+    /// that the backward does not recompute the forward at each step.
+    fn refine_for_unrolled(
+        &self,
+        lambda0: &Tensor,
+        svi: &SviConfig,
+    ) -> Result<(Refinement, Points)> {
+        let points = Points::default();
+        let r = match self.analytic() {
+            Some(a) => {
+                let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
+                    let p = a.at(l, true)?;
+                    let out = (p.values.clone(), p.grad.clone());
+                    points.0.borrow_mut().insert(l.id(), p);
+                    Ok(out)
+                };
+                let oracle = |l: &Tensor| self.with_hessian(l);
+                refine_with_hvp(&gf, Some(&oracle), lambda0, svi, true)?
+            }
+            None => self.refine(lambda0, svi, true)?,
+        };
+        Ok((r, points))
     }
 }
 
@@ -506,7 +542,14 @@ fn savae_step(
 ) -> Result<StepOutput> {
     let (model, b) = (s.model, s.x.len() as f64);
     let unrolled = gradient == SavaeGradient::Unrolled;
-    let r = s.inner().refine(&s.lambda0.0, svi, unrolled)?;
+    let (r, points) = if unrolled {
+        s.inner().refine_for_unrolled(&s.lambda0.0, svi)?
+    } else {
+        (
+            s.inner().refine(&s.lambda0.0, svi, false)?,
+            Points::default(),
+        )
+    };
     let e0 = r
         .trace
         .first()
@@ -530,7 +573,7 @@ fn savae_step(
     let g = (at_opt.grad.detach() * (-1.0 / b))?;
     let (lambda0_grad, decoder_grads, cg_stats) = match gradient {
         SavaeGradient::Unrolled => {
-            let (l0, dec) = unrolled_gradient(s, &r, &g, svi)?;
+            let (l0, dec) = unrolled_gradient(s, &r, &g, svi, &points)?;
             (l0, dec, None)
         }
         SavaeGradient::Implicit(imp) => {
@@ -566,11 +609,16 @@ fn unrolled_gradient(
     r: &Refinement,
     g: &Tensor,
     svi: &SviConfig,
+    points: &Points,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let dec_tensors = s.decoder_tensors();
     let inner = s.inner();
     let second_order = |lam: &Tensor, w: &Tensor| -> Result<(Tensor, Vec<Tensor>)> {
-        if let Some(p) = inner.analytic_point(lam)? {
+        let kept = match points.take(lam) {
+            Some(p) => Some(p),
+            None => inner.analytic_point(lam)?,
+        };
+        if let Some(p) = kept {
             return p.hvp_and_mixed(&w.detach());
         }
         let vg = s.inner_at(lam)?;
