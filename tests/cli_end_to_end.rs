@@ -516,3 +516,34 @@ fn init_from_starts_from_the_checkpoint_and_refuses_what_does_not_fit() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// A settings file sets the run folder and settings; flags override the file.
+#[test]
+fn a_settings_file_sets_run_dir_and_flags_override_it() {
+    let d = tmpdir("config-file");
+    let run = d.join("from-file");
+    let file = d.join("settings.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "run_dir = {:?}\nepochs = 1\nlatent_dim = 2\nlog_every = 1\n",
+            run.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut args = vec!["train", "--config", file.to_str().unwrap()];
+    args.extend_from_slice(TINY);
+    ok(&args);
+    let ck = savae_train::checkpoint::load(&run.join("last.safetensors")).unwrap();
+    // The file's epochs, and the flag's latent_dim (TINY: 3) over the file's 2.
+    assert_eq!((ck.meta.epoch, ck.meta.config.latent_dim), (1, 3));
+    // A run_dir that is not a string is refused, naming the file.
+    std::fs::write(&file, "run_dir = 3\n").unwrap();
+    let out = savae(&["train", "--config", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("settings.toml") && err.contains("run_dir"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
