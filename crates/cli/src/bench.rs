@@ -66,6 +66,15 @@ pub struct BenchArgs {
     pub device: String,
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Also time `savae eval` on this many validation examples (0: no eval line):
+    /// the refinement (8 draws × the default K), 10 ELBO draws at λ0 and λ*, and
+    /// --iw-samples importance samples, reported as decoder FLOP/s beside the rate the
+    /// machine's matmul sustains on the decoder's largest layer.
+    #[arg(long, default_value_t = 0)]
+    pub eval_examples: usize,
+    /// Importance samples of the timed evaluation.
+    #[arg(long, default_value_t = 100)]
+    pub iw_samples: usize,
 }
 
 /// A timed mode: a model, and for SA-VAE its gradient.
@@ -204,6 +213,107 @@ fn probe_for(dev: &Device) -> Box<dyn MemProbe> {
     Box::new(CpuProbe)
 }
 
+/// FLOPs of one decoder forward row (an image, or one token of a sentence), and the
+/// (rows, inner, outer) shape of its largest matmul for a batch of `rows`.
+fn decoder_flops(model: &Vae) -> (f64, (usize, usize)) {
+    match &model.decoder {
+        savae_model::Decoder::Mlp(m) => {
+            let mut flops = 0.0;
+            let mut big = (0, 0);
+            for l in &m.layers {
+                let (o, i) = l.weight.dims2().unwrap_or((0, 0));
+                flops += 2.0 * (o * i) as f64;
+                if o * i > big.0 * big.1 {
+                    big = (i, o);
+                }
+            }
+            (flops, big)
+        }
+        savae_model::Decoder::Lstm(d) => {
+            let dims = |t: &candle_core::Tensor| t.dims2().unwrap_or((0, 0));
+            let (g, e) = dims(&d.lstm.weight_ih);
+            let (_, h) = dims(&d.lstm.weight_hh);
+            let (v, hh) = dims(&d.out.weight);
+            let flops = 2.0 * (g * (e + h) + v * hh) as f64;
+            (flops, (hh, v))
+        }
+    }
+}
+
+/// GFLOP/s of `[rows, inner] × [inner, outer]` in f32 on `dev` (median of 10).
+fn matmul_rate(rows: usize, (inner, outer): (usize, usize), dev: &Device) -> Result<f64> {
+    let a = candle_core::Tensor::randn(0f32, 1.0, (rows, inner), dev)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (outer, inner), dev)?;
+    let mut times = Vec::new();
+    for i in 0..12 {
+        dev.synchronize()?;
+        let t = Instant::now();
+        let _ = a.matmul(&w.t()?)?;
+        dev.synchronize()?;
+        if i >= 2 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    Ok(2.0 * (rows * inner * outer) as f64 / times[times.len() / 2] / 1e9)
+}
+
+/// Times an evaluation of `n` validation examples with a fresh model of `cfg`.
+fn bench_eval(
+    a: &BenchArgs,
+    cfg: &TrainConfig,
+    corpus: &savae_train::batch::Corpus,
+    dev: &Device,
+) -> Result<serde_json::Value> {
+    let split = corpus
+        .valid
+        .select(&(0..a.eval_examples.min(corpus.valid.len())).collect::<Vec<_>>());
+    let model = Vae::new(&cfg.model_config(corpus.vocab_size()), 0, DType::F32, dev)?;
+    let opts = savae_train::EvalOptions {
+        svi: cfg.svi_config(),
+        refine: true,
+        iw_samples: a.iw_samples,
+        elbo_samples: 10,
+        refine_samples: cfg.samples.max(8),
+        batch_size: cfg.batch_size,
+        seed: 0,
+        passes: Passes::Analytic,
+    };
+    let t = Instant::now();
+    let r = savae_train::evaluate(&model, &split, "valid", &opts, dev)?;
+    dev.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    // Decoder forward rows (images, or tokens) the work needs: each refinement gradient
+    // is a forward and a backward per draw, K + 1 of them (the analytic backward has the
+    // forward's matmuls, so 2 forwards; autograd's also forms the weight gradients candle
+    // computes for detached weights, but that work is not needed and not counted); the
+    // ELBOs at λ0 and λ*; the importance samples.
+    let rows_per_example = r
+        .tokens
+        .map_or(1.0, |t| t as f64 / r.examples.max(1) as f64);
+    let k = opts.svi.steps as f64;
+    let forwards = 2.0 * (k + 1.0) * opts.refine_samples as f64
+        + 2.0 * opts.elbo_samples as f64
+        + opts.iw_samples as f64;
+    let rows = r.examples as f64 * rows_per_example * forwards;
+    let (flops_per_row, big) = decoder_flops(&model);
+    let gflops = rows * flops_per_row / secs / 1e9;
+    let mm = matmul_rate(
+        cfg.batch_size * opts.refine_samples * rows_per_example as usize,
+        big,
+        dev,
+    )?;
+    Ok(json!({
+        "kind": "eval", "dataset": a.dataset, "device": crate::device::name(dev),
+        "examples": r.examples, "tokens": r.tokens, "seconds": secs,
+        "examples_per_s": r.examples as f64 / secs,
+        "decoder_forward_rows_per_s": rows / secs,
+        "decoder_gflops": gflops, "matmul_gflops": mm, "matmul_over_eval": mm / gflops,
+        "svi_steps": opts.svi.steps, "refine_samples": opts.refine_samples,
+        "elbo_samples": opts.elbo_samples, "iw_samples": opts.iw_samples, "passes": if cfg.is_text() { "autograd" } else { "analytic" },
+    }))
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let dev = crate::device::resolve(&a.device)?;
     savae_implicit::ensure_second_order()?;
@@ -331,6 +441,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 println!("{line}");
             }
         }
+    }
+    if a.eval_examples > 0 {
+        let cfg = TrainConfig {
+            hidden: if text {
+                base.hidden.clone()
+            } else {
+                a.hidden.clone()
+            },
+            latent_dim: if text { base.latent_dim } else { a.latent_dim },
+            ..base.clone()
+        };
+        println!("{}", bench_eval(&a, &cfg, &corpus, &dev)?);
     }
     Ok(())
 }
