@@ -158,7 +158,8 @@ fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation()
 
 /// Whole steps on the analytic and on the autograd path give the same loss and
 /// gradients (f64): SA-VAE implicit (refinement and adjoint on the analytic passes) and
-/// unrolled (the recorded path), and Newton refinement (its Hessians), every activation.
+/// unrolled (the recorded path), Newton refinement (its Hessians), the plain VAE and the
+/// encoder on its own ELBO (the hand backward of the encoder), every activation.
 #[test]
 fn training_steps_agree_on_both_paths() {
     use savae_train::step::train_step;
@@ -174,6 +175,13 @@ fn training_steps_agree_on_both_paths() {
             c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);
             c
         };
+        let amortized = common::step_cfg(
+            Mode::Savae {
+                gradient: savae_train::SavaeGradient::Unrolled,
+                encoder_loss: savae_train::options::EncoderLoss::Amortized,
+            },
+            30,
+        );
         for (name, base) in [
             (
                 "implicit",
@@ -181,6 +189,8 @@ fn training_steps_agree_on_both_paths() {
             ),
             ("unrolled", common::step_cfg(common::savae_unrolled(), 60)),
             ("newton", newton),
+            ("vae", common::step_cfg(Mode::Vae, 0)),
+            ("savae amortized encoder", amortized),
         ] {
             let run = |passes| {
                 let mut c = base;

@@ -373,8 +373,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 (a.hidden.clone(), a.latent_dim)
             };
-            // The plain vae (and lm) step has no inner derivatives: one path to time.
-            let passes: Vec<Passes> = if model_kind.refines() && !text {
+            // Text models have one path (autograd).
+            let passes: Vec<Passes> = if !text {
                 a.passes.clone()
             } else {
                 a.passes.first().copied().into_iter().collect()
@@ -421,8 +421,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let mut line = json!({
                     "dataset": a.dataset,
                     "mode": mode.name(), "device": crate::device::name(&dev), "batch": b,
-                    // The analytic passes are the MLP decoder's; text runs autograd.
-                    "passes": model_kind.refines().then_some(if text { "autograd" } else { passes.name() }),
+                    // The analytic passes are the MLP models'; text runs autograd.
+                    "passes": if text { "autograd" } else { passes.name() },
                     "k": if mode.refines() { Some(k) } else { None },
                     "cg_iters": (*m == BenchMode::SavaeImplicit).then_some(a.cg_iters),
                     "cg_iters_mean": cg_mean,

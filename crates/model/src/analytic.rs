@@ -50,7 +50,11 @@ impl Passes {
 }
 
 /// φ'(a) and φ''(a) of an activation, from its input `a` and output `h = φ(a)`.
-fn derivatives(act: Activation, a: &Tensor, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+pub(crate) fn derivatives(
+    act: Activation,
+    a: &Tensor,
+    h: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
     Ok(match act {
         Activation::Softplus => {
             let s = candle_nn::ops::sigmoid(a)?;
@@ -210,6 +214,22 @@ impl<'a> MlpElbo<'a> {
 }
 
 impl MlpElboPoint {
+    /// ∇_θ Σ_b f_b for the decoder's parameters (weight, bias of each layer, in order):
+    /// ∂/∂W_i = (1/S) Σ_n δ_iᵀ h_{i−1}, ∂/∂b_i = (1/S) Σ_n δ_i. Needs a point made with
+    /// `for_hessian` (which keeps δ_i and the layer inputs).
+    pub fn weight_grads(&self) -> Result<Vec<Tensor>> {
+        let Some(c) = &self.cache else {
+            bail!("this ELBO point was evaluated without its cache");
+        };
+        let inv_s = 1.0 / c.dims.0 as f64;
+        let mut out = Vec::with_capacity(2 * c.deltas.len());
+        for (delta, input) in c.deltas.iter().zip(&c.inputs) {
+            out.push((delta.t()?.matmul(input)? * inv_s)?);
+            out.push((delta.sum(0)? * inv_s)?);
+        }
+        Ok(out)
+    }
+
     /// H v for `v: [B, 2d]` (row b: the Hessian of f_b at λ_b times v_b). Needs a point
     /// made with `for_hessian`.
     pub fn hvp(&self, v: &Tensor) -> Result<Tensor> {

@@ -19,7 +19,7 @@ pub mod vae;
 pub use activation::Activation;
 pub use analytic::{MlpElbo, MlpElboPoint, Passes};
 pub use elbo::{bernoulli_log_lik, gaussian_kl, ElboTerms, Noise, VariationalParams};
-pub use mlp::{Linear, Mlp};
+pub use mlp::{Linear, Mlp, MlpTape};
 pub use params::ParamSet;
 pub use text::{DropoutMasks, LstmDecoder, LstmEncoder, TokenBatch};
 pub use vae::{elbo, log_weights, Batch, Decoder, Encoder, ModelConfig, ModelKind, Vae};

@@ -19,6 +19,14 @@ impl Linear {
     }
 }
 
+/// What a taped forward keeps: the input of every layer (x, h_1, …) and the
+/// pre-activation a_i of every hidden layer.
+#[derive(Debug, Clone)]
+pub struct MlpTape {
+    inputs: Vec<Tensor>,
+    pre: Vec<Tensor>,
+}
+
 /// An MLP: linear layers with `activation` between them and none after the last.
 #[derive(Debug, Clone)]
 pub struct Mlp {
@@ -71,6 +79,48 @@ impl Mlp {
             }
         }
         Ok(h)
+    }
+
+    /// [`Mlp::forward`], keeping what [`Mlp::backward`] needs.
+    pub fn forward_taped(&self, x: &Tensor) -> Result<(Tensor, MlpTape)> {
+        let n = self.layers.len();
+        let mut inputs = Vec::with_capacity(n);
+        let mut pre = Vec::with_capacity(n.saturating_sub(1));
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            inputs.push(h.clone());
+            h = layer.forward(&h)?;
+            if i + 1 < n {
+                pre.push(h.clone());
+                h = self.activation.apply(&h)?;
+            }
+        }
+        Ok((h, MlpTape { inputs, pre }))
+    }
+
+    /// The parameter gradients of Σ (upstream ⊙ output) for a forward taped in `tape`,
+    /// `upstream: [N, out]`: weight then bias of each layer, in order. Backpropagation
+    /// by hand: δ_L = upstream, ∂/∂W_i = δ_iᵀ h_{i−1}, ∂/∂b_i = Σ_n δ_i,
+    /// δ_{i−1} = (δ_i W_i) ⊙ φ'(a_{i−1}); no gradient for the input is formed.
+    pub fn backward(&self, tape: &MlpTape, upstream: &Tensor) -> Result<Vec<Tensor>> {
+        let n = self.layers.len();
+        let mut grads = Vec::with_capacity(2 * n);
+        let mut delta = upstream.clone();
+        for i in (0..n).rev() {
+            grads.push(delta.sum(0)?);
+            grads.push(delta.t()?.matmul(&tape.inputs[i])?);
+            if i > 0 {
+                let gh = delta.matmul(&self.layers[i].weight)?;
+                let (d1, _) = crate::analytic::derivatives(
+                    self.activation,
+                    &tape.pre[i - 1],
+                    &tape.inputs[i],
+                )?;
+                delta = (gh * d1)?;
+            }
+        }
+        grads.reverse();
+        Ok(grads)
     }
 
     /// The same network with its weights detached from autodiff: gradients flow to the

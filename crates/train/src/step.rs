@@ -14,7 +14,8 @@ use savae_implicit::{
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{
-    elbo, Batch, Decoder, MlpElbo, MlpElboPoint, Noise, Passes, Vae, VariationalParams,
+    elbo, Batch, Decoder, Encoder, Mlp, MlpElbo, MlpElboPoint, MlpTape, Noise, Passes, Vae,
+    VariationalParams,
 };
 use serde::Serialize;
 
@@ -408,7 +409,24 @@ pub fn train_step_outer(
 ) -> Result<StepOutput> {
     let outer = outer_eps.unwrap_or(eps);
     let beta = cfg.beta;
-    let lambda0 = model.encode(x)?;
+    let mlps = analytic_mlps(model, x, cfg.passes);
+    // λ0 = enc(x). The vae and savae steps on the analytic passes tape the encoder's
+    // forward for its hand backward; the other modes train the encoder by autograd.
+    let taped = matches!(cfg.mode, Mode::Vae | Mode::Savae { .. });
+    let (lambda0, tape) = match mlps.as_ref().and_then(|m| m.encoder.as_ref()) {
+        Some(enc) if taped => {
+            let (l, t) = enc.forward_taped(
+                mlps.as_ref()
+                    .map(|m| m.x)
+                    .ok_or_else(|| anyhow::anyhow!("internal: no batch"))?,
+            )?;
+            (VariationalParams(l), Some(t))
+        }
+        _ => (model.encode(x)?, None),
+    };
+    if let (Mode::Vae, Some(m), Some(t)) = (cfg.mode, &mlps, &tape) {
+        return vae_step_analytic(model, m, t, &lambda0, eps, beta);
+    }
     let dec_det = model.decoder.detached();
     match cfg.mode {
         Mode::Lm | Mode::Vae => {
@@ -483,10 +501,103 @@ pub fn train_step_outer(
                 lambda0: &lambda0,
                 dec_det: &dec_det,
                 passes: cfg.passes,
+                mlps: mlps.as_ref(),
+                tape: tape.as_ref(),
             };
             savae_step(&inputs, &cfg.svi, gradient, encoder_loss)
         }
     }
+}
+
+/// The MLPs of an image model (detached: the analytic passes form every gradient
+/// themselves, and no autograd graph may hang on their results) and its batch.
+struct AnalyticMlps<'a> {
+    encoder: Option<Mlp>,
+    decoder: Mlp,
+    /// `x: [B, P]`.
+    x: &'a Tensor,
+}
+
+/// The networks for the analytic passes, when `passes` asks for them and the model is an
+/// MLP on images.
+fn analytic_mlps<'a>(model: &'a Vae, x: &'a Batch, passes: Passes) -> Option<AnalyticMlps<'a>> {
+    let (Passes::Analytic, Decoder::Mlp(decoder), Batch::Images(x)) = (passes, &model.decoder, x)
+    else {
+        return None;
+    };
+    let encoder = match &model.encoder {
+        Some(Encoder::Mlp(e)) => Some(e.detached()),
+        Some(_) => return None,
+        None => None,
+    };
+    Some(AnalyticMlps {
+        encoder,
+        decoder: decoder.detached(),
+        x,
+    })
+}
+
+/// Zero gradients for every parameter of `model`, in order.
+fn zero_grads(model: &Vae) -> Result<Vec<Tensor>> {
+    model
+        .params
+        .iter()
+        .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
+        .collect()
+}
+
+fn scaled(ts: Vec<Tensor>, k: f64) -> Result<Vec<Tensor>> {
+    ts.into_iter().map(|t| Ok((t * k)?)).collect()
+}
+
+/// The vae step on the analytic passes: L = −(1/B) Σ ELBO_β(λ0), with the decoder's
+/// gradient from the point at λ0 and the encoder's by its hand backward of ∂L/∂λ0.
+fn vae_step_analytic(
+    model: &Vae,
+    m: &AnalyticMlps,
+    tape: &MlpTape,
+    lambda0: &VariationalParams,
+    eps: &Noise,
+    beta: f64,
+) -> Result<StepOutput> {
+    let enc = m
+        .encoder
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("internal: the vae step needs an encoder"))?;
+    let b = m.x.dim(0)? as f64;
+    let pt = MlpElbo {
+        mlp: &m.decoder,
+        x: m.x,
+        eps,
+        beta,
+    }
+    .at(&lambda0.0, true)?;
+    let e = mean(&pt.values)?;
+    let mut grads = zero_grads(model)?;
+    add_into(
+        &mut grads,
+        model,
+        "decoder.",
+        scaled(pt.weight_grads()?, -1.0 / b)?,
+    )?;
+    let upstream = (&pt.grad * (-1.0 / b))?;
+    add_into(
+        &mut grads,
+        model,
+        "encoder.",
+        enc.backward(tape, &upstream)?,
+    )?;
+    Ok(StepOutput {
+        grads,
+        loss: -e,
+        elbo_amortized: e,
+        elbo_refined: None,
+        kl: mean(&savae_model::gaussian_kl(lambda0)?)?,
+        svi: None,
+        cg: None,
+        lambda_refined: None,
+        lambda0: lambda0.0.detach(),
+    })
 }
 
 /// What an SA-VAE step shares between its parts.
@@ -502,6 +613,10 @@ struct SavaeInputs<'a> {
     /// The decoder with its parameters detached.
     dec_det: &'a Decoder,
     passes: Passes,
+    /// The networks, when the analytic passes apply (MLPs on images).
+    mlps: Option<&'a AnalyticMlps<'a>>,
+    /// The encoder's taped forward (analytic passes with an encoder).
+    tape: Option<&'a MlpTape>,
 }
 
 impl<'a> SavaeInputs<'a> {
@@ -555,29 +670,45 @@ fn savae_step(
         .first()
         .map(|s| s.mean_objective)
         .unwrap_or(f64::NAN);
-    // ELBO at λ* with the model's decoder and the outer draws: ∂_θ L and ∇_λ L (with the
-    // refinement's own draws, the graph is kept for the mixed term).
-    let at_opt = elbo_vg(
-        &model.decoder,
-        s.x,
-        s.outer_eps.unwrap_or(s.eps),
-        s.beta,
-        &r.lambda,
-    )?;
-    let refined_elbo = mean(&at_opt.values)?;
+    // ELBO at λ* with the model's decoder and the outer draws: ∂_θ L and ∇_λ L (on
+    // autograd with the refinement's own draws, the graph is kept for the mixed term).
+    let outer = s.outer_eps.unwrap_or(s.eps);
+    let (refined_elbo, mut grads, g, at_opt) = match s.mlps {
+        Some(m) => {
+            let pt = MlpElbo {
+                mlp: &m.decoder,
+                x: m.x,
+                eps: outer,
+                beta: s.beta,
+            }
+            .at(&r.lambda, true)?;
+            let mut grads = zero_grads(model)?;
+            add_into(
+                &mut grads,
+                model,
+                "decoder.",
+                scaled(pt.weight_grads()?, -1.0 / b)?,
+            )?;
+            (mean(&pt.values)?, grads, (&pt.grad * (-1.0 / b))?, None)
+        }
+        None => {
+            let at_opt = elbo_vg(&model.decoder, s.x, outer, s.beta, &r.lambda)?;
+            // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
+            let grads = collect(&at_opt.store, model, -1.0 / b)?;
+            let g = (at_opt.grad.detach() * (-1.0 / b))?;
+            (mean(&at_opt.values)?, grads, g, Some(at_opt))
+        }
+    };
     let kl = mean(&savae_model::gaussian_kl(&VariationalParams(
         r.lambda.clone(),
     ))?)?;
-    // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
-    let mut grads = collect(&at_opt.store, model, -1.0 / b)?;
-    let g = (at_opt.grad.detach() * (-1.0 / b))?;
     let (lambda0_grad, decoder_grads, cg_stats) = match gradient {
         SavaeGradient::Unrolled => {
             let (l0, dec) = unrolled_gradient(s, &r, &g, svi, &points)?;
             (l0, dec, None)
         }
         SavaeGradient::Implicit(imp) => {
-            let outer_is_inner = s.outer_eps.is_none().then_some(&at_opt);
+            let outer_is_inner = at_opt.as_ref().filter(|_| s.outer_eps.is_none());
             let (l0, dec, stats) = implicit_gradient(s, &r, &g, svi.prox, &imp, outer_is_inner)?;
             (l0, dec, Some(stats))
         }
@@ -701,6 +832,21 @@ fn implicit_gradient(
 /// its own ELBO at λ0 with the decoder detached (`--encoder-loss amortized`, or γ = 0,
 /// where no gradient reaches the encoder through the optimum).
 fn encoder_gradient(s: &SavaeInputs, lambda0_grad: Option<&Tensor>) -> Result<Vec<Tensor>> {
+    if let (Some(m), Some(tape)) = (s.mlps, s.tape) {
+        if let Some(enc) = &m.encoder {
+            // By hand: the encoder's backward of ∂L/∂λ0, or of its own loss
+            // −(1/B) Σ ELBO(λ0) with the decoder constant.
+            let upstream = match lambda0_grad {
+                Some(l0) => l0.detach(),
+                None => {
+                    let b = m.x.dim(0)? as f64;
+                    let own = s.inner().value_and_grad(&s.lambda0.0)?.1;
+                    (own * (-1.0 / b))?
+                }
+            };
+            return enc.backward(tape, &upstream);
+        }
+    }
     let enc_loss = match lambda0_grad {
         // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.
         Some(l0) => (&s.lambda0.0 * l0.detach())?.sum_all()?,
