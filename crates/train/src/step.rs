@@ -550,6 +550,29 @@ fn scaled(ts: Vec<Tensor>, k: f64) -> Result<Vec<Tensor>> {
     ts.into_iter().map(|t| Ok((t * k)?)).collect()
 }
 
+/// L = −(1/B) Σ_b ELBO_β(λ_b) on the analytic passes: the mean ELBO, ∂L/∂θ (the
+/// decoder's entries; zeros elsewhere) and ∂L/∂λ.
+fn analytic_loss(
+    model: &Vae,
+    m: &AnalyticMlps,
+    eps: &Noise,
+    beta: f64,
+    lambda: &Tensor,
+) -> Result<(f64, Vec<Tensor>, Tensor)> {
+    let b = m.x.dim(0)? as f64;
+    let pt = MlpElbo {
+        mlp: &m.decoder,
+        x: m.x,
+        eps,
+        beta,
+    }
+    .at(lambda, true)?;
+    let mut grads = zero_grads(model)?;
+    let dec = scaled(pt.weight_grads()?, -1.0 / b)?;
+    add_into(&mut grads, model, "decoder.", dec)?;
+    Ok((mean(&pt.values)?, grads, (&pt.grad * (-1.0 / b))?))
+}
+
 /// The vae step on the analytic passes: L = −(1/B) Σ ELBO_β(λ0), with the decoder's
 /// gradient from the point at λ0 and the encoder's by its hand backward of ∂L/∂λ0.
 fn vae_step_analytic(
@@ -564,23 +587,7 @@ fn vae_step_analytic(
         .encoder
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("internal: the vae step needs an encoder"))?;
-    let b = m.x.dim(0)? as f64;
-    let pt = MlpElbo {
-        mlp: &m.decoder,
-        x: m.x,
-        eps,
-        beta,
-    }
-    .at(&lambda0.0, true)?;
-    let e = mean(&pt.values)?;
-    let mut grads = zero_grads(model)?;
-    add_into(
-        &mut grads,
-        model,
-        "decoder.",
-        scaled(pt.weight_grads()?, -1.0 / b)?,
-    )?;
-    let upstream = (&pt.grad * (-1.0 / b))?;
+    let (e, mut grads, upstream) = analytic_loss(model, m, eps, beta, &lambda0.0)?;
     add_into(
         &mut grads,
         model,
@@ -675,21 +682,8 @@ fn savae_step(
     let outer = s.outer_eps.unwrap_or(s.eps);
     let (refined_elbo, mut grads, g, at_opt) = match s.mlps {
         Some(m) => {
-            let pt = MlpElbo {
-                mlp: &m.decoder,
-                x: m.x,
-                eps: outer,
-                beta: s.beta,
-            }
-            .at(&r.lambda, true)?;
-            let mut grads = zero_grads(model)?;
-            add_into(
-                &mut grads,
-                model,
-                "decoder.",
-                scaled(pt.weight_grads()?, -1.0 / b)?,
-            )?;
-            (mean(&pt.values)?, grads, (&pt.grad * (-1.0 / b))?, None)
+            let (e, grads, g) = analytic_loss(model, m, outer, s.beta, &r.lambda)?;
+            (e, grads, g, None)
         }
         None => {
             let at_opt = elbo_vg(&model.decoder, s.x, outer, s.beta, &r.lambda)?;
