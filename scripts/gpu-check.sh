@@ -34,7 +34,11 @@ for m in "vae" "vae-svi" "savae --grad implicit" "savae --grad unrolled" "svi"; 
 done
 step bench on cuda
 timeout 300 "$BIN" bench --device cuda --batch 1024,64 --k 20,50,5 --steps 10 --warmup 3 \
-  --modes savae-implicit,savae-unrolled,vae-svi,vae | tee "$OUT/bench_cuda.jsonl"
+  --passes analytic --modes savae-implicit,savae-unrolled,vae-svi,vae | tee "$OUT/bench_cuda.jsonl"
+echo "exit $?" | tee -a "$OUT/log.txt"
+# The autograd reference at one configuration, for the analytic/autograd ratio on the GPU.
+timeout 120 "$BIN" bench --device cuda --batch 1024 --k 20 --steps 10 --warmup 3 \
+  --passes autograd --modes savae-implicit,savae-unrolled | tee -a "$OUT/bench_cuda.jsonl"
 echo "exit $?" | tee -a "$OUT/log.txt"
 step text on cuda
 timeout 120 "$BIN" train --device cuda --dataset ptb --model savae --epochs 1 --max-train-examples 2000 \
