@@ -115,3 +115,48 @@ impl CustomOp1 for Softplus {
         Ok(Some(grad_res.mul(&candle_nn::ops::sigmoid(arg)?)?))
     }
 }
+
+/// sigmoid(x) = 1 / (1 + e^{−x}), forward only: on the CPU one parallel pass (rayon), as
+/// [`softplus`] (candle's is single-threaded); elsewhere candle's op.
+pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1_no_bwd(&Sigmoid)
+    } else {
+        candle_nn::ops::sigmoid(x)
+    }
+}
+
+struct Sigmoid;
+
+fn sig32(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+fn sig64(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp1 for Sigmoid {
+    fn name(&self) -> &'static str {
+        "sigmoid-par"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("sigmoid: input must be contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(map_par(&v[start..end], sig32)),
+            CpuStorage::F64(v) => CpuStorage::F64(map_par(&v[start..end], sig64)),
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "sigmoid: only f32 and f64 are supported".into(),
+                ))
+            }
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}

@@ -57,7 +57,7 @@ pub(crate) fn derivatives(
 ) -> Result<(Tensor, Option<Tensor>)> {
     Ok(match act {
         Activation::Softplus => {
-            let s = candle_nn::ops::sigmoid(a)?;
+            let s = crate::activation::sigmoid(a)?;
             let d2 = (&s * (1.0 - &s)?)?;
             (s, Some(d2))
         }
@@ -161,7 +161,7 @@ impl<'a> MlpElbo<'a> {
         let kl = ((((mu.sqr()? + &var)? - &logvar)? - 1.0)? * 0.5)?.sum(1)?;
         let values = (&log_lik - (&kl * self.beta)?)?;
         // Reverse.
-        let sig = candle_nn::ops::sigmoid(&logits)?;
+        let sig = crate::activation::sigmoid(&logits)?;
         let delta = (self.x.broadcast_sub(&sig.reshape((s, b, p))?)?).reshape((n, p))?;
         let mut gh = delta.matmul(&layers[last].weight)?;
         let mut dphi = Vec::with_capacity(last);
