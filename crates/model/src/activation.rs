@@ -81,6 +81,29 @@ fn map_par<T: Copy + Send + Sync>(v: &[T], f: fn(T) -> T) -> Vec<T> {
     out
 }
 
+/// A contiguous f32 or f64 CPU storage mapped elementwise by `f32`/`f64` ([`map_par`]).
+fn map_storage(
+    name: &str,
+    storage: &CpuStorage,
+    layout: &Layout,
+    f32: fn(f32) -> f32,
+    f64: fn(f64) -> f64,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{name}: input must be contiguous")))?;
+    let out = match storage {
+        CpuStorage::F32(v) => CpuStorage::F32(map_par(&v[start..end], f32)),
+        CpuStorage::F64(v) => CpuStorage::F64(map_par(&v[start..end], f64)),
+        _ => {
+            return Err(candle_core::Error::Msg(format!(
+                "{name}: only f32 and f64 are supported"
+            )))
+        }
+    };
+    Ok((out, layout.shape().clone()))
+}
+
 impl CustomOp1 for Softplus {
     fn name(&self) -> &'static str {
         "softplus"
@@ -91,19 +114,7 @@ impl CustomOp1 for Softplus {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("softplus: input must be contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(map_par(&v[start..end], sp32)),
-            CpuStorage::F64(v) => CpuStorage::F64(map_par(&v[start..end], sp64)),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "softplus: only f32 and f64 are supported".into(),
-                ))
-            }
-        };
-        Ok((out, layout.shape().clone()))
+        map_storage("softplus", storage, layout, sp32, sp64)
     }
 
     fn bwd(
@@ -145,18 +156,6 @@ impl CustomOp1 for Sigmoid {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("sigmoid: input must be contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(map_par(&v[start..end], sig32)),
-            CpuStorage::F64(v) => CpuStorage::F64(map_par(&v[start..end], sig64)),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "sigmoid: only f32 and f64 are supported".into(),
-                ))
-            }
-        };
-        Ok((out, layout.shape().clone()))
+        map_storage("sigmoid", storage, layout, sig32, sig64)
     }
 }
