@@ -9,7 +9,9 @@ use savae_train::step::StepOutput;
 use savae_train::trainer::{
     EpochRecord, RunFolderTaken, RunStart, SkipRecord, StepRecord, StopRecord,
 };
-use savae_train::{Observer, RunOptions, TrainConfig, TrainOverrides, TrainSummary, Trainer};
+use savae_train::{
+    Observer, RunOptions, SettingsFile, TrainConfig, TrainOverrides, TrainSummary, Trainer,
+};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -79,31 +81,6 @@ fn requested_config(a: &TrainArgs, file: Option<&TrainOverrides>) -> TrainConfig
     }
     a.overrides.apply(&mut cfg);
     cfg
-}
-
-/// A `--config` file: the training settings, and the run folder.
-struct SettingsFile {
-    settings: TrainOverrides,
-    run_dir: Option<PathBuf>,
-}
-
-impl SettingsFile {
-    fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read settings file {}", path.display()))?;
-        let bad = || format!("settings file {} is not valid", path.display());
-        let mut table: toml::Table = toml::from_str(&text).with_context(bad)?;
-        let run_dir = match table.remove("run_dir") {
-            None => None,
-            Some(toml::Value::String(s)) => Some(PathBuf::from(s)),
-            Some(other) => anyhow::bail!(
-                "{}: run_dir must be a string (a folder), not {other}",
-                bad()
-            ),
-        };
-        let settings = table.try_into().with_context(bad)?;
-        Ok(Self { settings, run_dir })
-    }
 }
 
 /// Runs `savae train`.

@@ -254,13 +254,33 @@ impl TrainConfig {
     }
 }
 
-impl TrainOverrides {
-    /// Reads a TOML file of overrides (keys: the setting names).
-    pub fn from_toml_file(path: &Path) -> Result<Self> {
+/// A settings file (TOML): the training settings under their names, and optionally the
+/// run folder (`run_dir`, which is where a run is written rather than how it trains).
+#[derive(Debug, Clone, Default)]
+pub struct SettingsFile {
+    pub settings: TrainOverrides,
+    pub run_dir: Option<std::path::PathBuf>,
+}
+
+impl SettingsFile {
+    /// Reads `path`; errors name the file (and a `run_dir` that is not a string).
+    pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read settings file {}", path.display()))?;
-        toml::from_str(&text)
-            .with_context(|| format!("settings file {} is not valid", path.display()))
+        let bad = || format!("settings file {} is not valid", path.display());
+        let mut table: toml::Table = toml::from_str(&text).with_context(bad)?;
+        let run_dir = match table.remove("run_dir") {
+            None => None,
+            Some(toml::Value::String(s)) => Some(std::path::PathBuf::from(s)),
+            Some(other) => {
+                anyhow::bail!(
+                    "{}: run_dir must be a string (a folder), not {other}",
+                    bad()
+                )
+            }
+        };
+        let settings = table.try_into().with_context(bad)?;
+        Ok(Self { settings, run_dir })
     }
 }
 

@@ -24,7 +24,7 @@ pub mod options;
 pub mod step;
 pub mod trainer;
 
-pub use config::{TrainConfig, TrainOverrides, SETTINGS};
+pub use config::{SettingsFile, TrainConfig, TrainOverrides, SETTINGS};
 pub use eval::{
     evaluate, evaluate_checkpoint, EvalOptions, EvalReport, EvalRequest, Subset, SubsetOrder,
 };
