@@ -16,15 +16,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use savae_implicit::{
-    row_dot, row_norms, value_and_grad, BatchedOperator, CgConfig, ExactHvp, HvpKind,
-    ShiftedNegHessian, ShiftedSolve,
+    row_dot, row_norms, BatchedOperator, CgConfig, HvpKind, ShiftedNegHessian, ShiftedSolve,
 };
 use savae_inference::{SviConfig, SviOptimizer};
-use savae_model::{elbo, ModelConfig, Noise, Vae};
+use savae_model::{ModelConfig, Noise, Vae};
 use savae_train::checkpoint;
 use savae_train::options::{Activation, EncoderLoss, ModelKind, OuterNoise, Passes};
 use savae_train::step::{
-    train_step_outer, ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput,
+    train_step_outer, ImplicitGradient, InnerElbo, Mode, SavaeGradient, StepConfig, StepOutput,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -185,7 +184,16 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         OuterNoise::Same => None,
     };
     let beta = 1.0;
-    let curvature = curvature_at_start(&model, &x, &eps, beta, a.prox, &mut rng)?;
+    let decoder = model.decoder.detached();
+    let inner = InnerElbo {
+        decoder: &decoder,
+        x: &x,
+        eps: &eps,
+        beta,
+        passes: a.passes,
+    };
+    let lambda0 = model.encode(&x)?.0.detach();
+    let curvature = curvature_at_start(&inner, &lambda0, a.prox, &mut rng)?;
     let (lr, lr_from) = match a.svi_lr {
         Some(lr) => (lr, "flag"),
         None => {
@@ -397,37 +405,17 @@ fn load_model(a: &GradcheckArgs, dev: &Device) -> Result<(Vae, String)> {
 }
 
 /// Per example, the largest-magnitude eigenvalue of γI − H_f(λ0) (the Hessian of the
-/// minimized inner objective −F), by 50 power iterations on exact HVPs.
+/// minimized inner objective −F), by 50 power iterations on the inner ELBO's exact HVPs.
 fn curvature_at_start(
-    model: &Vae,
-    x: &savae_model::Batch,
-    eps: &Noise,
-    beta: f64,
+    inner: &InnerElbo,
+    lambda0: &Tensor,
     prox: f64,
     rng: &mut impl Rng,
 ) -> Result<Curvature> {
     const ITERS: usize = 50;
-    let lambda0 = model.encode(x)?.0.detach();
-    let decoder = model.decoder.detached();
-    let vg = value_and_grad(
-        |l| {
-            Ok(elbo(
-                &decoder,
-                x,
-                &savae_model::VariationalParams(l.clone()),
-                eps,
-                beta,
-            )?
-            .elbo)
-        },
-        &lambda0,
-    )?;
-    let hvp = ExactHvp {
-        lambda: vg.lambda,
-        grad: vg.grad,
-    };
+    let hvp = inner.with_hessian(lambda0)?.2;
     let op = ShiftedNegHessian {
-        hvp: &hvp,
+        hvp: hvp.as_ref(),
         shift: prox,
     };
     let (b, n) = lambda0.dims2()?;

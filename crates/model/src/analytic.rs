@@ -49,22 +49,24 @@ impl Passes {
     }
 }
 
-/// φ'(a) and φ''(a) of an activation, from its input `a` and output `h = φ(a)`.
+/// φ'(a), and with `second` φ''(a) (None where it is 0), of an activation from its input
+/// `a` and output `h = φ(a)`. The gradient passes ask for φ' only.
 pub(crate) fn derivatives(
     act: Activation,
     a: &Tensor,
     h: &Tensor,
+    second: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
     Ok(match act {
         Activation::Softplus => {
             let s = crate::activation::sigmoid(a)?;
-            let d2 = (&s * (1.0 - &s)?)?;
-            (s, Some(d2))
+            let d2 = second.then(|| &s * (1.0 - &s)?).transpose()?;
+            (s, d2)
         }
         Activation::Tanh => {
             let d1 = (1.0 - h.sqr()?)?;
-            let d2 = ((h * &d1)? * -2.0)?;
-            (d1, Some(d2))
+            let d2 = second.then(|| (h * &d1)? * -2.0).transpose()?;
+            (d1, d2)
         }
         Activation::Relu => (a.gt(0.0)?.to_dtype(a.dtype())?, None),
         Activation::Elu => {
@@ -72,8 +74,10 @@ pub(crate) fn derivatives(
             let pos = a.gt(0.0)?;
             let e = (h + 1.0)?;
             let d1 = pos.where_cond(&e.ones_like()?, &e)?;
-            let d2 = pos.where_cond(&e.zeros_like()?, &e)?;
-            (d1, Some(d2))
+            let d2 = second
+                .then(|| pos.where_cond(&e.zeros_like()?, &e))
+                .transpose()?;
+            (d1, d2)
         }
     })
 }
@@ -138,20 +142,11 @@ impl<'a> MlpElbo<'a> {
         let sigma = (&logvar * 0.5)?.exp()?;
         let z = self.eps.0.broadcast_mul(&sigma)?.broadcast_add(&mu)?;
         let n = s * b;
-        // Forward, keeping a_i and h_i of the hidden layers.
+        // Forward, keeping each layer's input (z, h_1, …) and the a_i of the hidden layers.
         let layers = &self.mlp.layers;
         let last = layers.len() - 1;
-        let mut h = z.reshape((n, d))?;
-        let z_flat = h.clone();
-        let mut pre = Vec::with_capacity(last);
-        let mut post = Vec::with_capacity(last);
-        for layer in &layers[..last] {
-            let a = layer.forward(&h)?;
-            h = self.mlp.activation.apply(&a)?;
-            pre.push(a);
-            post.push(h.clone());
-        }
-        let logits = layers[last].forward(&h)?;
+        let (logits, tape) = self.mlp.forward_taped(&z.reshape((n, d))?)?;
+        let (pre, inputs) = (tape.pre, tape.inputs);
         let p = logits.dim(1)?;
         let o = logits.reshape((s, b, p))?;
         let log_lik = ((o.broadcast_mul(self.x)? - softplus(&o)?)?
@@ -168,7 +163,7 @@ impl<'a> MlpElbo<'a> {
         let mut gh_d2phi = Vec::with_capacity(last);
         let mut deltas = vec![delta];
         for i in (0..last).rev() {
-            let (d1, d2) = derivatives(self.mlp.activation, &pre[i], &post[i])?;
+            let (d1, d2) = derivatives(self.mlp.activation, &pre[i], &inputs[i + 1], for_hessian)?;
             if for_hessian {
                 gh_d2phi.push(d2.map(|d2| &gh * d2).transpose()?);
             }
@@ -197,7 +192,7 @@ impl<'a> MlpElbo<'a> {
                 eps_half_sigma,
                 gz_eps_quarter: (gz_eps * 0.5)?,
                 kl_logvar_curv: (&var * (0.5 * self.beta))?,
-                inputs: std::iter::once(z_flat).chain(post).collect(),
+                inputs,
                 deltas,
                 dims: (s, b, d),
             })

@@ -23,8 +23,8 @@ impl Linear {
 /// pre-activation a_i of every hidden layer.
 #[derive(Debug, Clone)]
 pub struct MlpTape {
-    inputs: Vec<Tensor>,
-    pre: Vec<Tensor>,
+    pub(crate) inputs: Vec<Tensor>,
+    pub(crate) pre: Vec<Tensor>,
 }
 
 /// An MLP: linear layers with `activation` between them and none after the last.
@@ -115,6 +115,7 @@ impl Mlp {
                     self.activation,
                     &tape.pre[i - 1],
                     &tape.inputs[i],
+                    false,
                 )?;
                 delta = (gh * d1)?;
             }

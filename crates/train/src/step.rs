@@ -213,21 +213,13 @@ impl Points {
     }
 }
 
-/// Hessian-vector products of the analytic passes at a fixed λ.
-struct AnalyticHvp(MlpElboPoint);
+/// Hessian-vector products of the analytic passes at a fixed λ: the point owned, or
+/// borrowed where it serves more (the mixed product).
+struct PointHvp<P>(P);
 
-impl BatchedOperator for AnalyticHvp {
+impl<P: std::borrow::Borrow<MlpElboPoint>> BatchedOperator for PointHvp<P> {
     fn apply(&self, v: &Tensor) -> Result<Tensor> {
-        self.0.hvp(v)
-    }
-}
-
-/// The same, borrowing a point that is used for more (the mixed product).
-struct PointHvp<'p>(&'p MlpElboPoint);
-
-impl BatchedOperator for PointHvp<'_> {
-    fn apply(&self, v: &Tensor) -> Result<Tensor> {
-        self.0.hvp(v)
+        self.0.borrow().hvp(v)
     }
 }
 
@@ -274,7 +266,7 @@ impl<'a> InnerElbo<'a> {
         match self.analytic() {
             Some(a) => {
                 let p = a.at(lambda, true)?;
-                Ok((p.values.clone(), p.grad.clone(), Box::new(AnalyticHvp(p))))
+                Ok((p.values.clone(), p.grad.clone(), Box::new(PointHvp(p))))
             }
             None => {
                 let vg = elbo_vg(self.decoder, self.x, self.eps, self.beta, lambda)?;
@@ -413,20 +405,21 @@ pub fn train_step_outer(
     // λ0 = enc(x). The vae and savae steps on the analytic passes tape the encoder's
     // forward for its hand backward; the other modes train the encoder by autograd.
     let taped = matches!(cfg.mode, Mode::Vae | Mode::Savae { .. });
-    let (lambda0, tape) = match mlps.as_ref().and_then(|m| m.encoder.as_ref()) {
-        Some(enc) if taped => {
-            let (l, t) = enc.forward_taped(
-                mlps.as_ref()
-                    .map(|m| m.x)
-                    .ok_or_else(|| anyhow::anyhow!("internal: no batch"))?,
-            )?;
-            (VariationalParams(l), Some(t))
+    let (lambda0, tape) = match &mlps {
+        Some(
+            m @ AnalyticMlps {
+                encoder: Some(enc), ..
+            },
+        ) if taped => {
+            let (l, t) = enc.forward_taped(m.x)?;
+            let lambda0 = VariationalParams(l);
+            if cfg.mode == Mode::Vae {
+                return vae_step_analytic(model, m, enc, &t, &lambda0, eps, beta);
+            }
+            (lambda0, Some(t))
         }
         _ => (model.encode(x)?, None),
     };
-    if let (Mode::Vae, Some(m), Some(t)) = (cfg.mode, &mlps, &tape) {
-        return vae_step_analytic(model, m, t, &lambda0, eps, beta);
-    }
     let dec_det = model.decoder.detached();
     match cfg.mode {
         Mode::Lm | Mode::Vae => {
@@ -578,15 +571,12 @@ fn analytic_loss(
 fn vae_step_analytic(
     model: &Vae,
     m: &AnalyticMlps,
+    enc: &Mlp,
     tape: &MlpTape,
     lambda0: &VariationalParams,
     eps: &Noise,
     beta: f64,
 ) -> Result<StepOutput> {
-    let enc = m
-        .encoder
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("internal: the vae step needs an encoder"))?;
     let (e, mut grads, upstream) = analytic_loss(model, m, eps, beta, &lambda0.0)?;
     add_into(
         &mut grads,
