@@ -408,8 +408,8 @@ pub fn curves(metrics: &[Value], out: &Path, run: &RunInfo) -> Result<Vec<String
         ),
     ];
     if let Some(tol) = run.stationarity_tol {
-        let xs: Vec<f64> = svi[0].points.iter().map(|p| p.0).collect();
-        if let (Some(&a), Some(&b)) = (xs.first(), xs.last()) {
+        let steps = &svi[0].points;
+        if let (Some(&(a, _)), Some(&(b, _))) = (steps.first(), steps.last()) {
             svi.push(Series {
                 name: format!(
                     "--stationarity-tol {} (above: identity fallback)",
