@@ -272,3 +272,139 @@ fn perplexity_of_a_unigram_toy_model_is_exact() {
         assert!(r.kl_refined.abs() < 1e-12, "{kind}: kl {}", r.kl_refined);
     }
 }
+
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    rel_err(
+        &a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        &b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+    )
+}
+
+/// The LSTM decoder's analytic passes (`savae_model::analytic::lstm`) against autograd in
+/// f64, with and without dropout: value, ∇_λ, Hessian-vector products (double backward)
+/// and the mixed product ∇_θ(vᵀ∇_λ f) for every decoder parameter.
+#[test]
+fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
+    for dropout in [false, true] {
+        let (model, x, eps) = setup(dropout);
+        let dec = model.decoder.detached();
+        let lambda = lam();
+        let v = Tensor::from_vec(
+            (0..12)
+                .map(|i| ((i as f64) * 1.3).sin())
+                .collect::<Vec<_>>(),
+            (3, 4),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let beta = 0.8;
+        let reference = value_and_grad(
+            |l| Ok(elbo(&dec, &x, &VariationalParams(l.clone()), &eps, beta)?.elbo),
+            &lambda,
+        )
+        .unwrap();
+        let ref_hvp = ExactHvp {
+            lambda: reference.lambda.clone(),
+            grad: reference.grad.clone(),
+        }
+        .apply(&v)
+        .unwrap();
+        let Batch::Text(tokens) = &x else { panic!() };
+        let analytic = savae_model::LstmElbo {
+            decoder: dec.as_lstm().unwrap(),
+            x: tokens,
+            eps: &eps,
+            beta,
+        };
+        let pt = analytic.at(&lambda, true).unwrap();
+        let (ev, eg, eh) = (
+            rel(&pt.values, &reference.values),
+            rel(&pt.grad, &reference.grad),
+            rel(&pt.hvp(&v).unwrap(), &ref_hvp),
+        );
+        assert!(
+            ev < 1e-12 && eg < 1e-10 && eh < 1e-10,
+            "dropout {dropout}: value {ev:e}, grad {eg:e}, hvp {eh:e}"
+        );
+        let with_params = value_and_grad(
+            |l| {
+                Ok(elbo(
+                    &model.decoder,
+                    &x,
+                    &VariationalParams(l.clone()),
+                    &eps,
+                    beta,
+                )?
+                .elbo)
+            },
+            &lambda,
+        )
+        .unwrap();
+        let names: Vec<String> = model
+            .decoder_params()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let params: Vec<Tensor> = model
+            .decoder_params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let want = savae_implicit::mixed_product_exact(&with_params, &v, &refs).unwrap();
+        let (hv, got) = pt.hvp_and_mixed(&v).unwrap();
+        assert!(rel(&hv, &ref_hvp) < 1e-10);
+        assert_eq!(got.len(), want.len(), "{names:?}");
+        for ((g, w), name) in got.iter().zip(&want).zip(&names) {
+            assert_eq!(g.dims(), w.dims(), "{name}");
+            let e = rel(g, w);
+            assert!(
+                e < 1e-10,
+                "dropout {dropout}: mixed product of {name} off by {e:e}"
+            );
+        }
+        // Symmetry: uᵀ H v = vᵀ H u.
+        let u = (&v * 0.5).unwrap().cos().unwrap();
+        let uhv = scalar(&(&u * pt.hvp(&v).unwrap()).unwrap());
+        let vhu = scalar(&(&v * pt.hvp(&u).unwrap()).unwrap());
+        assert!(
+            (uhv - vhu).abs() <= 1e-10 * uhv.abs().max(1.0),
+            "{uhv} vs {vhu}"
+        );
+        assert!(analytic.at(&lambda, false).unwrap().hvp(&v).is_err());
+    }
+}
+
+/// Whole text steps give the same loss and gradients on the analytic and the autograd
+/// path (f64, dropout on): implicit and unrolled SA-VAE, Newton refinement, vae-svi.
+#[test]
+fn text_training_steps_agree_on_both_paths() {
+    let (model, x, eps) = setup(true);
+    let newton = {
+        let mut c = step_cfg(Mode::VaeSvi, 4);
+        c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);
+        c
+    };
+    for (name, base) in [
+        ("implicit", step_cfg(savae_implicit(HvpKind::Exact), 30)),
+        ("unrolled", step_cfg(savae_unrolled(), 30)),
+        ("newton", newton),
+        ("vae-svi", step_cfg(Mode::VaeSvi, 10)),
+    ] {
+        let run = |passes| {
+            let mut c = base;
+            c.passes = passes;
+            train_step(&model, &x, &eps, &c).unwrap()
+        };
+        let a = run(savae_model::Passes::Analytic);
+        let r = run(savae_model::Passes::Autograd);
+        let e = rel_err(&flat(&a.grads), &flat(&r.grads));
+        assert!(e < 1e-10, "{name}: gradients differ by {e:e}");
+        assert!(
+            (a.loss - r.loss).abs() <= 1e-10 * r.loss.abs(),
+            "{name}: loss {} vs {}",
+            a.loss,
+            r.loss
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! Models of savae: MLP Gaussian encoders and Bernoulli MLP decoders for images, LSTM
 //! encoders and decoders for sentences, the ELBO, and hand-derived derivatives in λ of
-//! the MLP decoder's ELBO (gradient and Hessian-vector products, [`analytic`]).
+//! the MLP and LSTM decoders' ELBO (gradient, Hessian-vector and mixed products, [`analytic`]).
 //!
 //! Shapes: a batch of B images is `x: [B, 784]`, of B sentences a [`TokenBatch`]; the variational parameters of a batch
 //! are `λ = (μ, log σ²): [B, 2d]` (see [`VariationalParams`]); S noise draws are
@@ -17,7 +17,9 @@ pub mod text;
 pub mod vae;
 
 pub use activation::Activation;
-pub use analytic::{MlpElbo, MlpElboPoint, Passes};
+pub use analytic::{
+    DecoderElbo, ElboPoint, LstmElbo, LstmElboPoint, MlpElbo, MlpElboPoint, Passes,
+};
 pub use elbo::{bernoulli_log_lik, gaussian_kl, ElboTerms, Noise, VariationalParams};
 pub use mlp::{Linear, Mlp, MlpTape};
 pub use params::ParamSet;

@@ -14,8 +14,8 @@ use savae_implicit::{
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{
-    elbo, Batch, Decoder, Encoder, Mlp, MlpElbo, MlpElboPoint, MlpTape, Noise, Passes, Vae,
-    VariationalParams,
+    elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, Mlp, MlpElbo, MlpTape, Noise,
+    Passes, Vae, VariationalParams,
 };
 use serde::Serialize;
 
@@ -190,8 +190,8 @@ fn elbo_vg(
 
 /// The inner objective λ ↦ ELBO_β(λ) of a decoder held constant (detached), per
 /// example, with its derivatives in λ computed by `passes`: the hand-derived passes of
-/// [`savae_model::analytic`] where the decoder has them (the MLP), else candle's autograd
-/// (the reference). This is the seam between the objective and what differentiates it:
+/// [`savae_model::analytic`] where the decoder has them (the MLP, the LSTM with a latent),
+/// else candle's autograd (the reference). This is the seam between the objective and what differentiates it:
 /// the refinement and the adjoint solve see only values, gradients and operators.
 #[derive(Clone, Copy)]
 pub struct InnerElbo<'a> {
@@ -204,11 +204,11 @@ pub struct InnerElbo<'a> {
 
 /// Analytic points of a refinement's λ_k, by the id of the λ tensor they were taken at.
 #[derive(Default)]
-struct Points(std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, MlpElboPoint>>);
+struct Points(std::cell::RefCell<std::collections::HashMap<candle_core::TensorId, ElboPoint>>);
 
 impl Points {
     /// The point at `lambda` if the refinement kept it (taken out: each is used once).
-    fn take(&self, lambda: &Tensor) -> Option<MlpElboPoint> {
+    fn take(&self, lambda: &Tensor) -> Option<ElboPoint> {
         self.0.borrow_mut().remove(&lambda.id())
     }
 }
@@ -217,7 +217,7 @@ impl Points {
 /// borrowed where it serves more (the mixed product).
 struct PointHvp<P>(P);
 
-impl<P: std::borrow::Borrow<MlpElboPoint>> BatchedOperator for PointHvp<P> {
+impl<P: std::borrow::Borrow<ElboPoint>> BatchedOperator for PointHvp<P> {
     fn apply(&self, v: &Tensor) -> Result<Tensor> {
         self.0.borrow().hvp(v)
     }
@@ -225,21 +225,29 @@ impl<P: std::borrow::Borrow<MlpElboPoint>> BatchedOperator for PointHvp<P> {
 
 impl<'a> InnerElbo<'a> {
     /// The analytic passes, when `passes` asks for them and the decoder has them.
-    fn analytic(&self) -> Option<MlpElbo<'a>> {
+    fn analytic(&self) -> Option<DecoderElbo<'a>> {
+        let (eps, beta) = (self.eps, self.beta);
         match (self.passes, self.decoder, self.x) {
-            (Passes::Analytic, Decoder::Mlp(mlp), Batch::Images(x)) => Some(MlpElbo {
-                mlp,
-                x,
-                eps: self.eps,
-                beta: self.beta,
-            }),
+            (Passes::Analytic, Decoder::Mlp(mlp), Batch::Images(x)) => {
+                Some(DecoderElbo::Mlp(MlpElbo { mlp, x, eps, beta }))
+            }
+            (Passes::Analytic, Decoder::Lstm(decoder), Batch::Text(x))
+                if decoder.init.is_some() =>
+            {
+                Some(DecoderElbo::Lstm(LstmElbo {
+                    decoder,
+                    x,
+                    eps,
+                    beta,
+                }))
+            }
             _ => None,
         }
     }
 
     /// The analytic point at λ with its Hessian cache (for products and mixed
     /// products), when the analytic passes apply.
-    fn analytic_point(&self, lambda: &Tensor) -> Result<Option<MlpElboPoint>> {
+    fn analytic_point(&self, lambda: &Tensor) -> Result<Option<ElboPoint>> {
         self.analytic().map(|a| a.at(lambda, true)).transpose()
     }
 
@@ -248,7 +256,7 @@ impl<'a> InnerElbo<'a> {
         match self.analytic() {
             Some(a) => {
                 let p = a.at(lambda, false)?;
-                Ok((p.values, p.grad))
+                Ok((p.values().clone(), p.grad().clone()))
             }
             None => {
                 let vg = elbo_vg(self.decoder, self.x, self.eps, self.beta, lambda)?;
@@ -266,7 +274,7 @@ impl<'a> InnerElbo<'a> {
         match self.analytic() {
             Some(a) => {
                 let p = a.at(lambda, true)?;
-                Ok((p.values.clone(), p.grad.clone(), Box::new(PointHvp(p))))
+                Ok((p.values().clone(), p.grad().clone(), Box::new(PointHvp(p))))
             }
             None => {
                 let vg = elbo_vg(self.decoder, self.x, self.eps, self.beta, lambda)?;
@@ -303,7 +311,7 @@ impl<'a> InnerElbo<'a> {
             Some(a) => {
                 let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
                     let p = a.at(l, true)?;
-                    let out = (p.values.clone(), p.grad.clone());
+                    let out = (p.values().clone(), p.grad().clone());
                     points.0.borrow_mut().insert(l.id(), p);
                     Ok(out)
                 };

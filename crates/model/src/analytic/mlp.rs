@@ -1,8 +1,7 @@
-//! Hand-derived derivatives in λ of the ELBO of an MLP Bernoulli decoder with constant
-//! weights: the value and gradient, and Hessian-vector products at a fixed λ by a
-//! forward tangent pass (the R-operator) and a reverse pass with the activations'
-//! second derivatives. What depends only on λ is computed once per point and reused by
-//! every product (`../shared/design/second-order-passes.md`, the MLP section).
+//! The MLP Bernoulli decoder's passes: the value and gradient, and Hessian-vector
+//! products at a fixed λ by a forward tangent pass (the R-operator) and a reverse pass
+//! with the activations' second derivatives (`../shared/design/second-order-passes.md`,
+//! the MLP section); the λ part is [`super::latent`].
 //!
 //! Per example, with S fixed draws ε_s, σ = exp(ℓ/2), z_s = μ + σ ⊙ ε_s and the network
 //! a_1 = z W_1ᵀ + b_1, h_i = φ(a_i), a_{i+1} = h_i W_{i+1}ᵀ + b_{i+1}, logits o = a_L:
@@ -24,30 +23,11 @@
 //!   mixed_{b_i} = (1/S) Σ_n δ'_i,
 //! from the tangents the product already computes (two more matmuls per layer).
 
+use super::latent::{LatentCurvature, Reparam};
 use crate::activation::softplus;
 use crate::{Activation, Mlp, Noise};
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
-
-/// How the derivatives of the inner ELBO in λ are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Passes {
-    /// Hand-derived passes where the decoder has them (the MLP), else autograd.
-    Analytic,
-    /// candle's autograd (double backward for Hessian-vector products): the reference.
-    Autograd,
-}
-
-impl Passes {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Analytic => "analytic",
-            Self::Autograd => "autograd",
-        }
-    }
-}
 
 /// φ'(a), and with `second` φ''(a) (None where it is 0), of an activation from its input
 /// `a` and output `h = φ(a)`. The gradient passes ask for φ' only.
@@ -100,7 +80,6 @@ pub struct MlpElboPoint {
     pub grad: Tensor,
     /// Kept only when asked for (see [`MlpElbo::at`]).
     cache: Option<HessianCache>,
-    beta: f64,
 }
 
 struct HessianCache {
@@ -112,49 +91,29 @@ struct HessianCache {
     gh_d2phi: Vec<Option<Tensor>>,
     /// s(1 − s) of the logits: `[N, P]`.
     sig_var: Tensor,
-    /// ε σ/2: `[S, B, d]`.
-    eps_half_sigma: Tensor,
-    /// (1/S) Σ_s g_z ⊙ ε σ/4: `[B, d]`.
-    gz_eps_quarter: Tensor,
-    /// β e^ℓ/2: `[B, d]`.
-    kl_logvar_curv: Tensor,
+    latent: LatentCurvature,
     /// The input of each layer (h_0 = z, h_1, …, h_{L−1}): `[N, in_i]`.
     inputs: Vec<Tensor>,
     /// δ_i = ∂(S·f)/∂a_i of each layer (the last: x − sigmoid(o)): `[N, out_i]`.
     deltas: Vec<Tensor>,
-    /// S, B, d.
-    dims: (usize, usize, usize),
 }
 
 impl<'a> MlpElbo<'a> {
     /// The value and gradient at `lambda: [B, 2d]`, and with `for_hessian` what
     /// [`MlpElboPoint::hvp`] needs.
     pub fn at(&self, lambda: &Tensor, for_hessian: bool) -> Result<MlpElboPoint> {
-        let (b, n2) = lambda.dims2()?;
-        let d = n2 / 2;
-        let (s, eb, ed) = self.eps.0.dims3()?;
-        if eb != b || ed != d {
-            bail!("noise of shape [{s}, {eb}, {ed}] for λ of shape [{b}, {n2}]");
-        }
-        let mu = lambda.narrow(1, 0, d)?;
-        let logvar = lambda.narrow(1, d, d)?;
-        let var = logvar.exp()?;
-        let sigma = (&logvar * 0.5)?.exp()?;
-        let z = self.eps.0.broadcast_mul(&sigma)?.broadcast_add(&mu)?;
+        let (reparam, z) = Reparam::new(lambda, self.eps, self.beta)?;
+        let (s, b, _) = reparam.dims;
         let n = s * b;
         // Forward, keeping each layer's input (z, h_1, …) and the a_i of the hidden layers.
         let layers = &self.mlp.layers;
         let last = layers.len() - 1;
-        let (logits, tape) = self.mlp.forward_taped(&z.reshape((n, d))?)?;
+        let (logits, tape) = self.mlp.forward_taped(&z)?;
         let (pre, inputs) = (tape.pre, tape.inputs);
         let p = logits.dim(1)?;
         let o = logits.reshape((s, b, p))?;
-        let log_lik = ((o.broadcast_mul(self.x)? - softplus(&o)?)?
-            .sum(D::Minus1)?
-            .sum(0)?
-            / s as f64)?;
-        let kl = ((((mu.sqr()? + &var)? - &logvar)? - 1.0)? * 0.5)?.sum(1)?;
-        let values = (&log_lik - (&kl * self.beta)?)?;
+        let log_lik = (o.broadcast_mul(self.x)? - softplus(&o)?)?.sum(D::Minus1)?;
+        let values = reparam.values(&log_lik)?;
         // Reverse.
         let sig = crate::activation::sigmoid(&logits)?;
         let delta = (self.x.broadcast_sub(&sig.reshape((s, b, p))?)?).reshape((n, p))?;
@@ -177,33 +136,23 @@ impl<'a> MlpElbo<'a> {
         dphi.reverse();
         gh_d2phi.reverse();
         deltas.reverse();
-        let gz = gh.reshape((s, b, d))?;
-        let eps_half_sigma = self.eps.0.broadcast_mul(&(&sigma * 0.5)?)?;
-        let grad_mu = ((gz.sum(0)? / s as f64)? - (&mu * self.beta)?)?;
-        let gz_eps = ((&gz * &eps_half_sigma)?.sum(0)? / s as f64)?;
-        let grad_logvar = (&gz_eps - ((&var - 1.0)? * (0.5 * self.beta))?)?;
-        let grad = Tensor::cat(&[&grad_mu, &grad_logvar], 1)?;
-        let cache = if for_hessian {
-            Some(HessianCache {
+        let (grad, latent) = reparam.grad(&gh, for_hessian)?;
+        let cache = match latent {
+            Some(latent) => Some(HessianCache {
                 weights: layers.iter().map(|l| l.weight.clone()).collect(),
                 dphi,
                 gh_d2phi,
                 sig_var: (&sig * (1.0 - &sig)?)?,
-                eps_half_sigma,
-                gz_eps_quarter: (gz_eps * 0.5)?,
-                kl_logvar_curv: (&var * (0.5 * self.beta))?,
+                latent,
                 inputs,
                 deltas,
-                dims: (s, b, d),
-            })
-        } else {
-            None
+            }),
+            None => None,
         };
         Ok(MlpElboPoint {
             values,
             grad,
             cache,
-            beta: self.beta,
         })
     }
 }
@@ -216,7 +165,7 @@ impl MlpElboPoint {
         let Some(c) = &self.cache else {
             bail!("this ELBO point was evaluated without its cache");
         };
-        let inv_s = 1.0 / c.dims.0 as f64;
+        let inv_s = 1.0 / c.latent.dims.0 as f64;
         let mut out = Vec::with_capacity(2 * c.deltas.len());
         for (delta, input) in c.deltas.iter().zip(&c.inputs) {
             out.push((delta.t()?.matmul(input)? * inv_s)?);
@@ -241,17 +190,10 @@ impl MlpElboPoint {
         let Some(c) = &self.cache else {
             bail!("this ELBO point was evaluated without its Hessian cache");
         };
-        let (s, b, d) = c.dims;
-        let n = s * b;
-        let v_mu = v.narrow(1, 0, d)?;
-        let v_lv = v.narrow(1, d, d)?;
+        let s = c.latent.dims.0;
         // Forward tangent: a'_i and h'_{i−1} (the tangent of each layer's input).
-        let zt = c
-            .eps_half_sigma
-            .broadcast_mul(&v_lv)?
-            .broadcast_add(&v_mu)?;
         let last = c.weights.len() - 1;
-        let mut ht = zt.reshape((n, d))?;
+        let mut ht = c.latent.tangent(v)?;
         let mut at = Vec::with_capacity(last);
         let mut input_t = Vec::with_capacity(last + 1);
         for i in 0..last {
@@ -281,13 +223,7 @@ impl MlpElboPoint {
                 grads.push(((w * inv_s)?, (delta_t.sum(0)? * inv_s)?));
             }
         }
-        let gh = delta_t.matmul(&c.weights[0])?;
-        let gzt = gh.reshape((s, b, d))?;
-        let h_mu = ((gzt.sum(0)? / s as f64)? - (&v_mu * self.beta)?)?;
-        let h_lv = ((((&gzt * &c.eps_half_sigma)?.sum(0)? / s as f64)?
-            + (&c.gz_eps_quarter * &v_lv)?)?
-            - (&c.kl_logvar_curv * &v_lv)?)?;
-        let hv = Tensor::cat(&[&h_mu, &h_lv], 1)?;
+        let hv = c.latent.hvp(v, &delta_t.matmul(&c.weights[0])?)?;
         Ok((
             hv,
             grads.into_iter().rev().flat_map(|(w, b)| [w, b]).collect(),
