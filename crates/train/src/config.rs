@@ -125,10 +125,10 @@ settings! {
     /// Hessian-vector products: exact (double backward) or fd (differences).
     #[arg(value_enum)]
     hvp: one HvpKind = HvpKind::Exact;
-    /// Derivatives of the MLP models: analytic (hand-derived passes for the inner ELBO's
-    /// gradient, Hessian-vector and mixed products, the loss's weight gradients and the
-    /// encoder's backward; text models use autograd) or autograd (candle's backward and
-    /// double backward, the reference).
+    /// Derivatives of the inner ELBO: analytic (hand-derived passes for its gradient,
+    /// Hessian-vector and mixed products, MLP and LSTM decoders; for MLP models also the
+    /// loss's weight gradients and the encoder's backward) or autograd (candle's backward
+    /// and double backward, the reference).
     #[serde(default = "autograd_passes")]
     #[arg(value_enum)]
     passes: one Passes = Passes::Analytic;

@@ -7,8 +7,8 @@
 //!   γ_t = e_t W_eᵀ + b + z W_zᵀ + h_{t−1} W_hhᵀ = (γ_i, γ_f, γ_g, γ_o),
 //!   i, f, o = sigmoid(γ_·), g = tanh(γ_g), c_t = f c_{t−1} + i g, h_t = o tanh(c_t),
 //!   ℓ_t = (h_t ⊙ m_t) W_oᵀ + b_o,   log p(x | z) = Σ_t log softmax(ℓ_t)[y_t].
-//! Reverse (BPTT), with p_t = softmax(ℓ_t): δℓ_t = onehot(y_t) − p_t, ∂h_t = (δℓ_t W_o) ⊙ m_t
-//! + ∂γ_{t+1} W_hh, ∂c_t = ∂c_{t+1} ⊙ f_{t+1} + ∂h_t ⊙ o (1 − tanh² c_t), and the gates'
+//! Reverse (BPTT), with p_t = softmax(ℓ_t): δℓ_t = onehot(y_t) − p_t,
+//! ∂h_t = (δℓ_t W_o) ⊙ m_t + ∂γ_{t+1} W_hh, ∂c_t = ∂c_{t+1} ⊙ f_{t+1} + ∂h_t ⊙ o (1 − tanh² c_t), and the gates'
 //! ∂γ_t from ∂i = ∂c g, ∂f = ∂c c_{t−1}, ∂g = ∂c i, ∂o = ∂h tanh c_t through σ' and tanh';
 //! g_z = (Σ_t ∂γ_t) W_z + ∂h_0 W_init.
 //! A Hessian-vector product pushes the tangent z' forward through the same recurrence (the
