@@ -70,17 +70,8 @@ fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation()
         let v = Tensor::from_vec(v, (b, 2 * d), &dev).unwrap();
         let beta = 0.7;
         let batch = Batch::Images(x.clone());
-        let reference = value_and_grad(
-            |l| Ok(elbo(&dec, &batch, &VariationalParams(l.clone()), &eps, beta)?.elbo),
-            &lambda,
-        )
-        .unwrap();
-        let ref_hvp = ExactHvp {
-            lambda: reference.lambda.clone(),
-            grad: reference.grad.clone(),
-        }
-        .apply(&v)
-        .unwrap();
+        let reference = common::autograd_reference(&model, &batch, &eps, beta, &lambda, &v);
+        let ref_hvp = reference.hvp.clone();
         let analytic = MlpElbo {
             mlp: dec.as_mlp().unwrap(),
             x: &x,
@@ -99,31 +90,11 @@ fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation()
         );
         // The mixed product ∇_θ(vᵀ∇_λ f) against double backward through the graph
         // with the decoder's parameters.
-        let with_params = value_and_grad(
-            |l| {
-                Ok(elbo(
-                    &model.decoder,
-                    &batch,
-                    &VariationalParams(l.clone()),
-                    &eps,
-                    beta,
-                )?
-                .elbo)
-            },
-            &lambda,
-        )
-        .unwrap();
-        let params: Vec<Tensor> = model
-            .decoder_params()
-            .iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect();
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let want = savae_implicit::mixed_product_exact(&with_params, &v, &refs).unwrap();
+        let want = &reference.mixed;
         let (hv, got) = pt.hvp_and_mixed(&v).unwrap();
         assert!(rel(&hv, &ref_hvp) < 1e-10);
         assert_eq!(got.len(), want.len());
-        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        for (k, (g, w)) in got.iter().zip(want).enumerate() {
             assert_eq!(g.dims(), w.dims(), "{act:?}: parameter {k}");
             let e = rel(g, w);
             assert!(

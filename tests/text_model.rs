@@ -298,17 +298,8 @@ fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
         )
         .unwrap();
         let beta = 0.8;
-        let reference = value_and_grad(
-            |l| Ok(elbo(&dec, &x, &VariationalParams(l.clone()), &eps, beta)?.elbo),
-            &lambda,
-        )
-        .unwrap();
-        let ref_hvp = ExactHvp {
-            lambda: reference.lambda.clone(),
-            grad: reference.grad.clone(),
-        }
-        .apply(&v)
-        .unwrap();
+        let reference = common::autograd_reference(&model, &x, &eps, beta, &lambda, &v);
+        let ref_hvp = reference.hvp.clone();
         let Batch::Text(tokens) = &x else { panic!() };
         let analytic = savae_model::LstmElbo {
             decoder: dec.as_lstm().unwrap(),
@@ -326,36 +317,11 @@ fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
             ev < 1e-12 && eg < 1e-10 && eh < 1e-10,
             "dropout {dropout}: value {ev:e}, grad {eg:e}, hvp {eh:e}"
         );
-        let with_params = value_and_grad(
-            |l| {
-                Ok(elbo(
-                    &model.decoder,
-                    &x,
-                    &VariationalParams(l.clone()),
-                    &eps,
-                    beta,
-                )?
-                .elbo)
-            },
-            &lambda,
-        )
-        .unwrap();
-        let names: Vec<String> = model
-            .decoder_params()
-            .iter()
-            .map(|(n, _)| n.to_string())
-            .collect();
-        let params: Vec<Tensor> = model
-            .decoder_params()
-            .iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect();
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let want = savae_implicit::mixed_product_exact(&with_params, &v, &refs).unwrap();
+        let (want, names) = (&reference.mixed, &reference.names);
         let (hv, got) = pt.hvp_and_mixed(&v).unwrap();
         assert!(rel(&hv, &ref_hvp) < 1e-10);
         assert_eq!(got.len(), want.len(), "{names:?}");
-        for ((g, w), name) in got.iter().zip(&want).zip(&names) {
+        for ((g, w), name) in got.iter().zip(want).zip(names) {
             assert_eq!(g.dims(), w.dims(), "{name}");
             let e = rel(g, w);
             assert!(

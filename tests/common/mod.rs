@@ -195,3 +195,53 @@ pub fn pipeline_gradients(
         differences,
     }
 }
+
+/// candle autograd's derivatives of the ELBO at `lambda` (the reference for the analytic
+/// passes): values and ∇_λ with the decoder detached, H v by double backward, and the
+/// mixed product ∇_θ(vᵀ∇_λ f) for every decoder parameter (in `decoder_params` order).
+pub struct AutogradReference {
+    pub values: candle_core::Tensor,
+    pub grad: candle_core::Tensor,
+    pub hvp: candle_core::Tensor,
+    pub mixed: Vec<candle_core::Tensor>,
+    pub names: Vec<String>,
+}
+
+pub fn autograd_reference(
+    model: &savae_model::Vae,
+    batch: &savae_model::Batch,
+    eps: &savae_model::Noise,
+    beta: f64,
+    lambda: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+) -> AutogradReference {
+    use savae_implicit::{value_and_grad, BatchedOperator, ExactHvp};
+    use savae_model::{elbo, VariationalParams};
+    let at = |dec: &savae_model::Decoder| {
+        value_and_grad(
+            |l| Ok(elbo(dec, batch, &VariationalParams(l.clone()), eps, beta)?.elbo),
+            lambda,
+        )
+        .unwrap()
+    };
+    let reference = at(&model.decoder.detached());
+    let hvp = ExactHvp {
+        lambda: reference.lambda.clone(),
+        grad: reference.grad.clone(),
+    }
+    .apply(v)
+    .unwrap();
+    let with_params = at(&model.decoder);
+    let dp = model.decoder_params();
+    let names: Vec<String> = dp.iter().map(|(n, _)| n.to_string()).collect();
+    let params: Vec<candle_core::Tensor> = dp.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+    let refs: Vec<&candle_core::Tensor> = params.iter().collect();
+    let mixed = savae_implicit::mixed_product_exact(&with_params, v, &refs).unwrap();
+    AutogradReference {
+        values: reference.values,
+        grad: reference.grad,
+        hvp,
+        mixed,
+        names,
+    }
+}
