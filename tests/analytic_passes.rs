@@ -6,8 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use savae_implicit::{value_and_grad, BatchedOperator, ExactHvp};
-use savae_model::{elbo, Activation, Batch, MlpElbo, ModelConfig, Noise, Vae, VariationalParams};
+use savae_model::{Activation, Batch, MlpElbo, ModelConfig, Noise, Vae};
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
