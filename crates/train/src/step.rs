@@ -191,8 +191,9 @@ fn elbo_vg(
 /// The inner objective λ ↦ ELBO_β(λ) of a decoder held constant (detached), per
 /// example, with its derivatives in λ computed by `passes`: the hand-derived passes of
 /// [`savae_model::analytic`] where the decoder has them (the MLP, the LSTM with a latent),
-/// else candle's autograd (the reference). This is the seam between the objective and what differentiates it:
-/// the refinement and the adjoint solve see only values, gradients and operators.
+/// else candle's autograd (the reference). This is the seam between the objective and
+/// what differentiates it: the refinement and the adjoint solve see only values,
+/// gradients and operators.
 #[derive(Clone, Copy)]
 pub struct InnerElbo<'a> {
     pub decoder: &'a Decoder,

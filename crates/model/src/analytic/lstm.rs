@@ -8,8 +8,8 @@
 //!   i, f, o = sigmoid(γ_·), g = tanh(γ_g), c_t = f c_{t−1} + i g, h_t = o tanh(c_t),
 //!   ℓ_t = (h_t ⊙ m_t) W_oᵀ + b_o,   log p(x | z) = Σ_t log softmax(ℓ_t)[y_t].
 //! Reverse (BPTT), with p_t = softmax(ℓ_t): δℓ_t = onehot(y_t) − p_t,
-//! ∂h_t = (δℓ_t W_o) ⊙ m_t + ∂γ_{t+1} W_hh, ∂c_t = ∂c_{t+1} ⊙ f_{t+1} + ∂h_t ⊙ o (1 − tanh² c_t), and the gates'
-//! ∂γ_t from ∂i = ∂c g, ∂f = ∂c c_{t−1}, ∂g = ∂c i, ∂o = ∂h tanh c_t through σ' and tanh';
+//! ∂h_t = (δℓ_t W_o) ⊙ m_t + ∂γ_{t+1} W_hh, ∂c_t = ∂c_{t+1} ⊙ f_{t+1} + ∂h_t ⊙ o (1 − tanh² c_t),
+//! and the gates' ∂γ_t from ∂i = ∂c g, ∂f = ∂c c_{t−1}, ∂g = ∂c i, ∂o = ∂h tanh c_t through σ' and tanh';
 //! g_z = (Σ_t ∂γ_t) W_z + ∂h_0 W_init.
 //! A Hessian-vector product pushes the tangent z' forward through the same recurrence (the
 //! R-operator: every product rule, the gates through σ'(γ) γ'), the logits' tangent ℓ'
@@ -23,7 +23,7 @@
 use super::latent::{LatentCurvature, Reparam};
 use crate::text::{LstmDecoder, TokenBatch};
 use crate::Noise;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// The ELBO of a fixed LSTM decoder as a function of λ (weights are constants).
@@ -58,13 +58,14 @@ struct Weights {
     /// W_init: `[H, d]` and its transpose.
     w_init: Tensor,
     w_init_t: Tensor,
-    /// W_o: `[V, H]` and its transpose.
+    /// W_o: `[V, H]` (its transpose is used as a view: copying it per point cost more
+    /// than the strided matmul saves).
     w_o: Tensor,
-    w_o_t: Tensor,
 }
 
 impl Weights {
-    fn of(dec: &LstmDecoder, latent: usize) -> Result<Self> {
+    /// The weights, and the layer h_0 = z W_initᵀ + b_init.
+    fn of(dec: &LstmDecoder, latent: usize) -> Result<(Self, &crate::Linear)> {
         let Some(init) = &dec.init else {
             bail!("the language model has no latent: there is no λ to differentiate in");
         };
@@ -75,7 +76,7 @@ impl Weights {
             bail!("the decoder's LSTM takes {inputs} inputs, expected {e} + {latent}");
         }
         let w_z = w_ih.narrow(1, e, latent)?.contiguous()?;
-        Ok(Self {
+        let w = Self {
             w_hh: dec.lstm.weight_hh.contiguous()?,
             w_hh_t: dec.lstm.weight_hh.t()?.contiguous()?,
             w_z_t: w_z.t()?.contiguous()?,
@@ -84,8 +85,8 @@ impl Weights {
             w_init: init.weight.contiguous()?,
             w_init_t: init.weight.t()?.contiguous()?,
             w_o: dec.out.weight.contiguous()?,
-            w_o_t: dec.out.weight.t()?.contiguous()?,
-        })
+        };
+        Ok((w, init))
     }
 }
 
@@ -174,6 +175,13 @@ fn masked(
     })
 }
 
+/// The state each step reads, h_{t−1} for t = 1 … T: `[N·T, H]` from `h0: [N, H]` and the
+/// steps' outputs `hs: [N, T, H]` (the same for their tangents).
+fn inputs_of_steps(h0: &Tensor, hs: &Tensor) -> Result<Tensor> {
+    let (n, t, h) = hs.dims3()?;
+    Ok(Tensor::cat(&[&h0.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?.reshape((n * t, h))?)
+}
+
 impl<'a> LstmElbo<'a> {
     /// The value and gradient at `lambda: [B, 2d]`, and with `for_hessian` what
     /// [`LstmElboPoint::hvp`] needs.
@@ -186,11 +194,7 @@ impl<'a> LstmElbo<'a> {
         if bx != b {
             bail!("λ has {b} rows for a batch of {bx} sentences");
         }
-        let w = Weights::of(dec, d)?;
-        let init = dec
-            .init
-            .as_ref()
-            .context("the language model has no latent")?;
+        let (w, init) = Weights::of(dec, d)?;
         let e = dec.embed.dim(1)?;
         let h = dec.lstm.hidden_size();
         let inputs = self.x.inputs.flatten_all()?;
@@ -314,8 +318,7 @@ impl<'a> LstmElbo<'a> {
         let (grad, latent) = reparam.grad(&gz, for_hessian)?;
         let cache = match latent {
             Some(latent) => {
-                let h_prev = Tensor::cat(&[&h0.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?
-                    .reshape((n * t, h))?;
+                let h_prev = inputs_of_steps(&h0, &hs)?;
                 Some(LstmCache {
                     w,
                     cells: curv,
@@ -368,7 +371,7 @@ impl LstmElboPoint {
         let zt = c.latent.tangent(v)?;
         let zwt = zt.matmul(&w.w_z_t)?;
         let h0t = zt.matmul(&w.w_init_t)?;
-        let mut ht = h0t;
+        let mut ht = h0t.clone();
         let mut ct = ht.zeros_like()?;
         let mut hts = Vec::with_capacity(t);
         let mut gates = Vec::with_capacity(t);
@@ -382,28 +385,15 @@ impl LstmElboPoint {
                 + (&cell.i * &ggt)?)?;
             let tct = (&c_new * &cell.dtc)?;
             let h_new = ((&ot * &cell.tc)? + (&cell.o * &tct)?)?;
-            if mixed {
-                hts.push(ht.clone());
-            }
             gates.push((it, ft, ggt, ot, ct, tct));
             hts.push(h_new.clone());
             ht = h_new;
             ct = c_new;
         }
-        // hts holds h'_t (and, when mixed, h'_{t−1} before each).
-        let (h_prev_t, h_out_t) = if mixed {
-            let prev: Vec<&Tensor> = hts.iter().step_by(2).collect();
-            let out: Vec<&Tensor> = hts.iter().skip(1).step_by(2).collect();
-            (
-                Some(Tensor::stack(&prev, 1)?.reshape((n * t, h))?),
-                Tensor::stack(&out, 1)?,
-            )
-        } else {
-            (None, Tensor::stack(&hts, 1)?)
-        };
+        let h_out_t = Tensor::stack(&hts, 1)?; // [N, T, H]
         let hdt = masked(&h_out_t, c.out_mask.as_ref(), c.dims)?;
-        let lt = hdt.matmul(&w.w_o_t)?; // [N·T, V]
-                                        // δℓ' = −p ⊙ (ℓ' − pᵀℓ') = p (pᵀℓ') − p ⊙ ℓ'.
+        // ℓ' = hd' W_oᵀ: [N·T, V]; δℓ' = −p ⊙ (ℓ' − pᵀℓ') = p (pᵀℓ') − p ⊙ ℓ'.
+        let lt = hdt.matmul(&w.w_o.t()?)?;
         let plt = (&c.p * &lt)?;
         let dlt = (c.p.broadcast_mul(&plt.sum_keepdim(1)?)? - plt)?;
         let ghdt = dlt.matmul(&w.w_o)?;
@@ -443,7 +433,7 @@ impl LstmElboPoint {
         if !mixed {
             return Ok((hv, Vec::new()));
         }
-        let h_prev_t = h_prev_t.context("the tangents of h_{t−1} were not kept")?;
+        let h_prev_t = inputs_of_steps(&h0t, &h_out_t)?;
         let inv_s = 1.0 / s as f64;
         let g4 = 4 * h;
         let dg_flat = c.dgamma.reshape((n * t, g4))?;
