@@ -34,6 +34,29 @@ impl Activation {
             Self::Elu => "elu",
         }
     }
+    /// φ(a) and φ'(a), forward only, for the analytic passes: softplus in one fused pass
+    /// with its derivative σ(a) ([`crate::kernels::softplus_and_sigmoid`]; on the CPU its
+    /// f32 rounding differs from [`Activation::apply`]'s by about 1e-7 relative), the
+    /// others from the same candle ops as `apply`.
+    pub fn apply_with_derivative(self, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Self::Softplus => crate::kernels::softplus_and_sigmoid(a)?,
+            Self::Tanh => {
+                let h = a.tanh()?;
+                let d1 = (1.0 - h.sqr()?)?;
+                (h, d1)
+            }
+            Self::Relu => (a.relu()?, a.gt(0.0)?.to_dtype(a.dtype())?),
+            Self::Elu => {
+                // a > 0: φ' = 1; a ≤ 0: φ' = eᵃ = φ + 1.
+                let h = a.elu(1.0)?;
+                let e = (&h + 1.0)?;
+                let d1 = a.gt(0.0)?.where_cond(&e.ones_like()?, &e)?;
+                (h, d1)
+            }
+        })
+    }
+
     pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Softplus => softplus(x),
@@ -127,35 +150,9 @@ impl CustomOp1 for Softplus {
     }
 }
 
-/// sigmoid(x) = 1 / (1 + e^{−x}), forward only: on the CPU one parallel pass (rayon), as
-/// [`softplus`] (candle's is single-threaded); elsewhere candle's op.
-pub fn sigmoid(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
-        x.contiguous()?.apply_op1_no_bwd(&Sigmoid)
-    } else {
-        candle_nn::ops::sigmoid(x)
-    }
-}
-
-struct Sigmoid;
-
-fn sig32(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-fn sig64(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-impl CustomOp1 for Sigmoid {
-    fn name(&self) -> &'static str {
-        "sigmoid-par"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        map_storage("sigmoid", storage, layout, sig32, sig64)
-    }
+/// sigmoid(x) = 1 / (1 + e^{−x}), forward only: on the CPU one parallel, vectorized pass
+/// ([`crate::kernels::sigmoid`]; candle's is single-threaded and scalar); elsewhere
+/// candle's op.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    crate::kernels::sigmoid(x)
 }

@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod analytic;
 pub mod elbo;
+pub mod kernels;
 pub mod lstm;
 pub mod mlp;
 pub mod params;

@@ -19,12 +19,13 @@ impl Linear {
     }
 }
 
-/// What a taped forward keeps: the input of every layer (x, h_1, …) and the
-/// pre-activation a_i of every hidden layer.
+/// What a taped forward keeps: the input of every layer (x, h_1, …), and the
+/// pre-activation a_i and derivative φ'(a_i) of every hidden layer.
 #[derive(Debug, Clone)]
 pub struct MlpTape {
     pub(crate) inputs: Vec<Tensor>,
     pub(crate) pre: Vec<Tensor>,
+    pub(crate) dphi: Vec<Tensor>,
 }
 
 /// An MLP: linear layers with `activation` between them and none after the last.
@@ -81,21 +82,26 @@ impl Mlp {
         Ok(h)
     }
 
-    /// [`Mlp::forward`], keeping what [`Mlp::backward`] needs.
+    /// [`Mlp::forward`] for the analytic passes (no autograd graph is needed: the
+    /// activation comes with its derivative, [`Activation::apply_with_derivative`]),
+    /// keeping what [`Mlp::backward`] and the Hessian passes need.
     pub fn forward_taped(&self, x: &Tensor) -> Result<(Tensor, MlpTape)> {
         let n = self.layers.len();
         let mut inputs = Vec::with_capacity(n);
         let mut pre = Vec::with_capacity(n.saturating_sub(1));
+        let mut dphi = Vec::with_capacity(n.saturating_sub(1));
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             inputs.push(h.clone());
             h = layer.forward(&h)?;
             if i + 1 < n {
-                pre.push(h.clone());
-                h = self.activation.apply(&h)?;
+                let (act, d1) = self.activation.apply_with_derivative(&h)?;
+                pre.push(h);
+                dphi.push(d1);
+                h = act;
             }
         }
-        Ok((h, MlpTape { inputs, pre }))
+        Ok((h, MlpTape { inputs, pre, dphi }))
     }
 
     /// The parameter gradients of Σ (upstream ⊙ output) for a forward taped in `tape`,
@@ -111,13 +117,7 @@ impl Mlp {
             grads.push(delta.t()?.matmul(&tape.inputs[i])?);
             if i > 0 {
                 let gh = delta.matmul(&self.layers[i].weight)?;
-                let (d1, _) = crate::analytic::derivatives(
-                    self.activation,
-                    &tape.pre[i - 1],
-                    &tape.inputs[i],
-                    false,
-                )?;
-                delta = (gh * d1)?;
+                delta = (gh * &tape.dphi[i - 1])?;
             }
         }
         grads.reverse();

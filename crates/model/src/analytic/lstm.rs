@@ -244,7 +244,6 @@ impl<'a> LstmElbo<'a> {
         let hs = Tensor::stack(&hs, 1)?; // [N, T, H]
         let hd = masked(&hs, out_mask.as_ref(), dims)?;
         let logits = dec.out.forward(&hd)?; // [N·T, V]
-        let p = candle_nn::ops::softmax_last_dim(&logits)?;
         let targets = self
             .x
             .targets
@@ -252,9 +251,8 @@ impl<'a> LstmElbo<'a> {
             .broadcast_as((s, b, t))?
             .contiguous()?
             .flatten_all()?;
-        // log softmax(ℓ)[y] = ℓ_y − max ℓ + log max p (max p = 1 / Σ e^{ℓ − max ℓ}).
-        let ly = logits.gather(&targets.unsqueeze(1)?, 1)?;
-        let logp = ((ly - logits.max_keepdim(1)?)? + p.max_keepdim(1)?.log()?)?;
+        // p = softmax(ℓ) and log p[y], one fused pass per row.
+        let (p, logp) = crate::kernels::softmax_and_log_prob(&logits, &targets)?;
         let values = reparam.values(&logp.reshape((s, b, t))?.sum(2)?)?;
         // Reverse: ∂(h_t ⊙ m_t) = W_o[y_t] − p_t W_o.
         let ghd = (w.w_o.index_select(&targets, 0)? - p.matmul(&w.w_o)?)?;
@@ -394,8 +392,7 @@ impl LstmElboPoint {
         let hdt = masked(&h_out_t, c.out_mask.as_ref(), c.dims)?;
         // ℓ' = hd' W_oᵀ: [N·T, V]; δℓ' = −p ⊙ (ℓ' − pᵀℓ') = p (pᵀℓ') − p ⊙ ℓ'.
         let lt = hdt.matmul(&w.w_o.t()?)?;
-        let plt = (&c.p * &lt)?;
-        let dlt = (c.p.broadcast_mul(&plt.sum_keepdim(1)?)? - plt)?;
+        let dlt = crate::kernels::softmax_tangent(&c.p, &lt)?;
         let ghdt = dlt.matmul(&w.w_o)?;
         let gh_out_t = masked(&ghdt, c.out_mask.as_ref(), c.dims)?.reshape((n, t, h))?;
         // Reverse tangent.
@@ -473,7 +470,8 @@ mod tests {
     #[test]
     fn softmax_identity_for_log_probabilities() -> anyhow::Result<()> {
         use candle_core::{Device, Tensor};
-        // log softmax(ℓ)[y] = ℓ_y − max ℓ + log max p, as the forward computes it.
+        // log softmax(ℓ)[y] = ℓ_y − max ℓ + log max p, as the fallback (non-CPU) forward
+        // computes it.
         let l = Tensor::new(
             &[[1.0f64, -3.0, 2.5, 0.0], [-50.0, 40.0, 39.0, 0.5]],
             &Device::Cpu,

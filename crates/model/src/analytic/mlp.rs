@@ -24,40 +24,27 @@
 //! from the tangents the product already computes (two more matmuls per layer).
 
 use super::latent::{LatentCurvature, Reparam};
-use crate::activation::softplus;
+use crate::kernels::bernoulli_terms;
 use crate::{Activation, Mlp, Noise};
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
-/// φ'(a), and with `second` φ''(a) (None where it is 0), of an activation from its input
-/// `a` and output `h = φ(a)`. The gradient passes ask for φ' only.
-pub(crate) fn derivatives(
+/// φ''(a) (None where it is 0) of an activation from its input `a`, output `h = φ(a)`
+/// and derivative `d1 = φ'(a)` (the taped forward's).
+fn second_derivative(
     act: Activation,
     a: &Tensor,
     h: &Tensor,
-    second: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
+    d1: &Tensor,
+) -> Result<Option<Tensor>> {
     Ok(match act {
-        Activation::Softplus => {
-            let s = crate::activation::sigmoid(a)?;
-            let d2 = second.then(|| &s * (1.0 - &s)?).transpose()?;
-            (s, d2)
-        }
-        Activation::Tanh => {
-            let d1 = (1.0 - h.sqr()?)?;
-            let d2 = second.then(|| (h * &d1)? * -2.0).transpose()?;
-            (d1, d2)
-        }
-        Activation::Relu => (a.gt(0.0)?.to_dtype(a.dtype())?, None),
+        Activation::Softplus => Some((d1 * (1.0 - d1)?)?),
+        Activation::Tanh => Some(((h * d1)? * -2.0)?),
+        Activation::Relu => None,
+        // a > 0: φ'' = 0; a ≤ 0: φ'' = eᵃ = h + 1.
         Activation::Elu => {
-            // a > 0: φ = a, φ' = 1, φ'' = 0; a ≤ 0: φ = e^a − 1, φ' = φ'' = e^a = h + 1.
-            let pos = a.gt(0.0)?;
             let e = (h + 1.0)?;
-            let d1 = pos.where_cond(&e.ones_like()?, &e)?;
-            let d2 = second
-                .then(|| pos.where_cond(&e.zeros_like()?, &e))
-                .transpose()?;
-            (d1, d2)
+            Some(a.gt(0.0)?.where_cond(&e.zeros_like()?, &e)?)
         }
     })
 }
@@ -104,25 +91,27 @@ impl<'a> MlpElbo<'a> {
     pub fn at(&self, lambda: &Tensor, for_hessian: bool) -> Result<MlpElboPoint> {
         let (reparam, z) = Reparam::new(lambda, self.eps, self.beta)?;
         let (s, b, _) = reparam.dims;
-        let n = s * b;
-        // Forward, keeping each layer's input (z, h_1, …) and the a_i of the hidden layers.
+        // Forward, keeping each layer's input (z, h_1, …), and the a_i and φ'(a_i) of the
+        // hidden layers.
         let layers = &self.mlp.layers;
         let last = layers.len() - 1;
         let (logits, tape) = self.mlp.forward_taped(&z)?;
-        let (pre, inputs) = (tape.pre, tape.inputs);
-        let p = logits.dim(1)?;
-        let o = logits.reshape((s, b, p))?;
-        let log_lik = (o.broadcast_mul(self.x)? - softplus(&o)?)?.sum(D::Minus1)?;
-        let values = reparam.values(&log_lik)?;
+        let (pre, inputs, first) = (tape.pre, tape.inputs, tape.dphi);
+        let terms = bernoulli_terms(&logits, self.x, for_hessian)?;
+        let values = reparam.values(&terms.log_lik.reshape((s, b))?)?;
         // Reverse.
-        let sig = crate::activation::sigmoid(&logits)?;
-        let delta = (self.x.broadcast_sub(&sig.reshape((s, b, p))?)?).reshape((n, p))?;
+        let delta = terms.delta;
         let mut gh = delta.matmul(&layers[last].weight)?;
         let mut dphi = Vec::with_capacity(last);
         let mut gh_d2phi = Vec::with_capacity(last);
         let mut deltas = vec![delta];
         for i in (0..last).rev() {
-            let (d1, d2) = derivatives(self.mlp.activation, &pre[i], &inputs[i + 1], for_hessian)?;
+            let d1 = first[i].clone();
+            let d2 = if for_hessian {
+                second_derivative(self.mlp.activation, &pre[i], &inputs[i + 1], &d1)?
+            } else {
+                None
+            };
             if for_hessian {
                 gh_d2phi.push(d2.map(|d2| &gh * d2).transpose()?);
             }
@@ -137,17 +126,17 @@ impl<'a> MlpElbo<'a> {
         gh_d2phi.reverse();
         deltas.reverse();
         let (grad, latent) = reparam.grad(&gh, for_hessian)?;
-        let cache = match latent {
-            Some(latent) => Some(HessianCache {
+        let cache = match (latent, terms.sig_var) {
+            (Some(latent), Some(sig_var)) => Some(HessianCache {
                 weights: layers.iter().map(|l| l.weight.clone()).collect(),
                 dphi,
                 gh_d2phi,
-                sig_var: (&sig * (1.0 - &sig)?)?,
+                sig_var,
                 latent,
                 inputs,
                 deltas,
             }),
-            None => None,
+            _ => None,
         };
         Ok(MlpElboPoint {
             values,

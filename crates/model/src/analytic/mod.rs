@@ -13,7 +13,6 @@ pub mod lstm;
 pub mod mlp;
 
 pub use lstm::{LstmElbo, LstmElboPoint};
-pub(crate) use mlp::derivatives;
 pub use mlp::{MlpElbo, MlpElboPoint};
 
 use anyhow::Result;
