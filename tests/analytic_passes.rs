@@ -190,3 +190,46 @@ fn training_steps_agree_on_both_paths() {
         }
     }
 }
+
+/// A batch large enough to be evaluated in row blocks on two threads gives what the
+/// whole batch gives at once: values, gradient, Hessian-vector and mixed products (the
+/// blocks' mixed products summed), several draws, every activation, f64.
+#[test]
+fn row_blocks_give_the_whole_batch_result() {
+    use savae_model::DecoderElbo;
+    let dev = Device::Cpu;
+    let (b, d, p, s) = (34, 3, 10, 2);
+    for act in ACTIVATIONS {
+        let model = mlp_model(act, d, &[7, 5], p, 5);
+        let dec = model.decoder.detached();
+        let (x, eps) = batch(b, p, s, d);
+        let lambda = Tensor::from_vec(
+            (0..b * 2 * d)
+                .map(|i| ((i as f64) * 0.31).cos() * 0.8)
+                .collect(),
+            (b, 2 * d),
+            &dev,
+        )
+        .unwrap();
+        let v = (&lambda * 1.3).unwrap().sin().unwrap();
+        let whole = MlpElbo {
+            mlp: dec.as_mlp().unwrap(),
+            x: &x,
+            eps: &eps,
+            beta: 0.7,
+        };
+        let want = whole.at(&lambda, true).unwrap();
+        let blocked = DecoderElbo::Mlp(MlpElbo { ..whole });
+        let got = blocked.at(&lambda, true).unwrap();
+        assert_eq!(got.blocks(), savae_model::analytic::ROW_CHUNKS);
+        assert!(rel(got.values(), &want.values) < 1e-14, "{act:?}");
+        assert!(rel(got.grad(), &want.grad) < 1e-14, "{act:?}");
+        let (hv, mixed) = got.hvp_and_mixed(&v).unwrap();
+        let (want_hv, want_mixed) = want.hvp_and_mixed(&v).unwrap();
+        assert!(rel(&hv, &want_hv) < 1e-14, "{act:?}");
+        assert!(rel(&got.hvp(&v).unwrap(), &want_hv) < 1e-14, "{act:?}");
+        for (k, (g, w)) in mixed.iter().zip(&want_mixed).enumerate() {
+            assert!(rel(g, w) < 1e-12, "{act:?}: mixed product {k}");
+        }
+    }
+}

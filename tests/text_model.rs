@@ -374,3 +374,57 @@ fn text_training_steps_agree_on_both_paths() {
         );
     }
 }
+
+/// The LSTM passes in row blocks (34 sentences: two blocks on two threads) give what the
+/// whole batch gives: values, gradient, Hessian-vector and mixed products, with dropout
+/// masks (cut with their sentences) and two draws, f64.
+#[test]
+fn lstm_row_blocks_give_the_whole_batch_result() {
+    use savae_model::{DecoderElbo, LstmElbo};
+    savae_implicit::enable_second_order();
+    let dev = Device::Cpu;
+    let model = Vae::new(&config("savae"), 5, DType::F64, &dev).unwrap();
+    let b = 34;
+    let sents: Vec<Vec<u32>> = (0..b)
+        .map(|i| (0..4).map(|t| ((i * 3 + t * 5) % V) as u32).collect())
+        .collect();
+    let refs: Vec<&Vec<u32>> = sents.iter().collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let dr = Some(Dropout {
+        p: 0.3,
+        embed: 3,
+        hidden: 4,
+    });
+    let x = token_batch(&refs, &mut rng, DType::F64, &dev, dr).unwrap();
+    let e: Vec<f64> = (0..2 * b * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
+    let eps = Noise(Tensor::from_vec(e, (2, b, 2), &dev).unwrap());
+    let lambda = Tensor::from_vec(
+        (0..b * 4)
+            .map(|i| ((i as f64) * 0.61).cos() * 0.5)
+            .collect::<Vec<_>>(),
+        (b, 4),
+        &dev,
+    )
+    .unwrap();
+    let v = (&lambda * 1.3).unwrap().sin().unwrap();
+    let dec = model.decoder.detached();
+    let whole = LstmElbo {
+        decoder: dec.as_lstm().unwrap(),
+        x: &x,
+        eps: &eps,
+        beta: 0.8,
+    };
+    let want = whole.at(&lambda, true).unwrap();
+    let got = DecoderElbo::Lstm(LstmElbo { ..whole })
+        .at(&lambda, true)
+        .unwrap();
+    assert_eq!(got.blocks(), savae_model::analytic::ROW_CHUNKS);
+    assert!(rel(got.values(), &want.values) < 1e-14);
+    assert!(rel(got.grad(), &want.grad) < 1e-14);
+    let (hv, mixed) = got.hvp_and_mixed(&v).unwrap();
+    let (want_hv, want_mixed) = want.hvp_and_mixed(&v).unwrap();
+    assert!(rel(&hv, &want_hv) < 1e-14);
+    for (k, (g, w)) in mixed.iter().zip(&want_mixed).enumerate() {
+        assert!(rel(g, w) < 1e-12, "mixed product {k}");
+    }
+}

@@ -38,6 +38,21 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
+    /// Sentences `start .. start + len` (with their dropout masks).
+    pub fn rows(&self, start: usize, len: usize) -> candle_core::Result<TokenBatch> {
+        Ok(TokenBatch {
+            inputs: self.inputs.narrow(0, start, len)?,
+            targets: self.targets.narrow(0, start, len)?,
+            dropout: match &self.dropout {
+                Some(m) => Some(DropoutMasks {
+                    embed: m.embed.narrow(0, start, len)?,
+                    output: m.output.narrow(0, start, len)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.targets.dim(0).unwrap_or(0)
     }

@@ -15,6 +15,7 @@ pub mod mlp;
 pub use lstm::{LstmElbo, LstmElboPoint};
 pub use mlp::{MlpElbo, MlpElboPoint};
 
+use crate::Noise;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -45,53 +46,199 @@ pub enum DecoderElbo<'a> {
 }
 
 /// The ELBO at one λ, with (when asked for) what its products reuse.
-pub enum ElboPoint {
+///
+/// Every quantity here is per example (the weights are constants), so on the CPU a batch
+/// is evaluated in [`ROW_CHUNKS`] row blocks side by side, each on one thread from its
+/// forward to its last product: two cores then work on whole passes instead of splitting
+/// every small op between them (`../../README.md`, Speed). Values, gradients and
+/// products are put back in row order; the mixed products of the blocks are summed in
+/// block order.
+pub struct ElboPoint {
+    values: Tensor,
+    grad: Tensor,
+    /// Each block's first row, row count and point.
+    parts: Vec<(usize, usize, PartPoint)>,
+}
+
+enum PartPoint {
     Mlp(MlpElboPoint),
     Lstm(LstmElboPoint),
+}
+
+/// Row blocks of a batch on the CPU. Fixed (not the machine's thread count), so that
+/// results do not depend on the machine; inside a block candle's matmuls still use every
+/// thread that is free.
+pub const ROW_CHUNKS: usize = 2;
+
+/// Fewest examples in a block: smaller batches are not split.
+const MIN_CHUNK_ROWS: usize = 16;
+
+/// The row blocks `(first, count)` of a batch of `b` examples on `device`.
+fn row_blocks(b: usize, device: &candle_core::Device) -> Vec<(usize, usize)> {
+    let n = if device.is_cpu() {
+        (b / MIN_CHUNK_ROWS).clamp(1, ROW_CHUNKS)
+    } else {
+        1
+    };
+    let base = b / n;
+    (0..n)
+        .map(|i| (i * base, if i + 1 == n { b - i * base } else { base }))
+        .collect()
+}
+
+/// Runs `f` on every block, in parallel when there is more than one.
+fn per_block<T: Send>(
+    blocks: &[(usize, usize)],
+    f: impl Fn(usize, usize) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    use rayon::prelude::*;
+    if blocks.len() == 1 {
+        return Ok(vec![f(blocks[0].0, blocks[0].1)?]);
+    }
+    blocks
+        .par_iter()
+        .map(|&(start, len)| f(start, len))
+        .collect()
 }
 
 impl DecoderElbo<'_> {
     /// The value and gradient at `lambda: [B, 2d]`, and with `for_hessian` what the
     /// products need.
     pub fn at(&self, lambda: &Tensor, for_hessian: bool) -> Result<ElboPoint> {
-        Ok(match self {
-            Self::Mlp(m) => ElboPoint::Mlp(m.at(lambda, for_hessian)?),
-            Self::Lstm(l) => ElboPoint::Lstm(l.at(lambda, for_hessian)?),
+        let b = lambda.dim(0)?;
+        let blocks = row_blocks(b, lambda.device());
+        let parts = per_block(&blocks, |start, len| {
+            let lambda = lambda.narrow(0, start, len)?;
+            let whole = start == 0 && len == b;
+            Ok(match self {
+                Self::Mlp(m) if whole => PartPoint::Mlp(m.at(&lambda, for_hessian)?),
+                Self::Mlp(m) => {
+                    let (x, eps) = (
+                        m.x.narrow(0, start, len)?,
+                        Noise(m.eps.0.narrow(1, start, len)?),
+                    );
+                    let part = MlpElbo {
+                        mlp: m.mlp,
+                        x: &x,
+                        eps: &eps,
+                        beta: m.beta,
+                    };
+                    PartPoint::Mlp(part.at(&lambda, for_hessian)?)
+                }
+                Self::Lstm(l) if whole => PartPoint::Lstm(l.at(&lambda, for_hessian)?),
+                Self::Lstm(l) => {
+                    let x = l.x.rows(start, len)?;
+                    let eps = Noise(l.eps.0.narrow(1, start, len)?);
+                    let part = LstmElbo {
+                        decoder: l.decoder,
+                        x: &x,
+                        eps: &eps,
+                        beta: l.beta,
+                    };
+                    PartPoint::Lstm(part.at(&lambda, for_hessian)?)
+                }
+            })
+        })?;
+        let values = cat_rows(parts.iter().map(|p| p.values()))?;
+        let grad = cat_rows(parts.iter().map(|p| p.grad()))?;
+        Ok(ElboPoint {
+            values,
+            grad,
+            parts: blocks
+                .into_iter()
+                .zip(parts)
+                .map(|((start, len), p)| (start, len, p))
+                .collect(),
         })
+    }
+}
+
+/// The blocks' tensors stacked in row order (the one tensor itself when there is one).
+fn cat_rows<'t>(ts: impl Iterator<Item = &'t Tensor>) -> Result<Tensor> {
+    let ts: Vec<&Tensor> = ts.collect();
+    Ok(match ts.as_slice() {
+        [one] => (*one).clone(),
+        many => Tensor::cat(many, 0)?,
+    })
+}
+
+impl PartPoint {
+    fn values(&self) -> &Tensor {
+        match self {
+            Self::Mlp(p) => &p.values,
+            Self::Lstm(p) => &p.values,
+        }
+    }
+    fn grad(&self) -> &Tensor {
+        match self {
+            Self::Mlp(p) => &p.grad,
+            Self::Lstm(p) => &p.grad,
+        }
+    }
+    fn hvp(&self, v: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Mlp(p) => p.hvp(v),
+            Self::Lstm(p) => p.hvp(v),
+        }
+    }
+    fn hvp_and_mixed(&self, v: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        match self {
+            Self::Mlp(p) => p.hvp_and_mixed(v),
+            Self::Lstm(p) => p.hvp_and_mixed(v),
+        }
     }
 }
 
 impl ElboPoint {
     /// f_b(λ_b): `[B]`.
     pub fn values(&self) -> &Tensor {
-        match self {
-            Self::Mlp(p) => &p.values,
-            Self::Lstm(p) => &p.values,
-        }
+        &self.values
     }
 
     /// ∇_λ Σ_b f_b: `[B, 2d]`.
     pub fn grad(&self) -> &Tensor {
-        match self {
-            Self::Mlp(p) => &p.grad,
-            Self::Lstm(p) => &p.grad,
+        &self.grad
+    }
+
+    /// The number of row blocks the batch was evaluated in.
+    pub fn blocks(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Runs `f` on each block with its rows of `v`.
+    fn per_part<T: Send>(
+        &self,
+        v: &Tensor,
+        f: impl Fn(&PartPoint, &Tensor) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        use rayon::prelude::*;
+        if let [(_, _, p)] = self.parts.as_slice() {
+            return Ok(vec![f(p, v)?]);
         }
+        self.parts
+            .par_iter()
+            .map(|(start, len, p)| f(p, &v.narrow(0, *start, *len)?))
+            .collect()
     }
 
     /// H v for `v: [B, 2d]` (row b: the Hessian of f_b at λ_b times v_b).
     pub fn hvp(&self, v: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Mlp(p) => p.hvp(v),
-            Self::Lstm(p) => p.hvp(v),
-        }
+        let hv = self.per_part(v, |p, v| p.hvp(v))?;
+        cat_rows(hv.iter())
     }
 
     /// H v and the mixed product ∇_θ(vᵀ∇_λ f) for the decoder's parameters, in the
     /// order of its `decoder.*` parameters.
     pub fn hvp_and_mixed(&self, v: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        match self {
-            Self::Mlp(p) => p.hvp_and_mixed(v),
-            Self::Lstm(p) => p.hvp_and_mixed(v),
+        let mut parts = self.per_part(v, |p, v| p.hvp_and_mixed(v))?.into_iter();
+        let (first_hv, mut mixed) = parts.next().expect("a point has a block");
+        let mut hv = vec![first_hv];
+        for (h, m) in parts {
+            hv.push(h);
+            for (acc, m) in mixed.iter_mut().zip(m) {
+                *acc = (&*acc + m)?;
+            }
         }
+        Ok((cat_rows(hv.iter())?, mixed))
     }
 }
