@@ -55,9 +55,11 @@ fn steps_logged(dir: &Path) -> usize {
 
 #[test]
 fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
+    // Three epochs, interrupted in the second or third: a tiny epoch takes about a
+    // second, so an interruption aimed at the last epoch could land after its last step.
     let straight = tmpdir("straight");
     let st = bin()
-        .args(train_args(&straight, &["--epochs", "2"]))
+        .args(train_args(&straight, &["--epochs", "3"]))
         .output()
         .unwrap();
     assert!(
@@ -66,7 +68,7 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
         String::from_utf8_lossy(&st.stderr)
     );
     let cut = tmpdir("cut");
-    // Run one epoch so that a checkpoint exists, then interrupt the second one mid-way.
+    // Run one epoch so that a checkpoint exists, then interrupt the rest mid-way.
     let first = bin()
         .args(train_args(&cut, &["--epochs", "1"]))
         .output()
@@ -79,7 +81,7 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
             cut.to_str().unwrap(),
             "--resume",
             "--epochs",
-            "2",
+            "3",
             "--quiet",
             "--device",
             "cpu",

@@ -10,6 +10,7 @@ use savae_cli::{commands, flags};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    savae_train::configure_cpu_threads();
     savae_implicit::enable_second_order();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

@@ -63,6 +63,8 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    // One pool of CPU threads (before any thread starts: it sets environment variables).
+    savae_train::configure_cpu_threads();
     train_resume_evaluate(std::env::temp_dir().join("savae-example-run"))?;
     Ok(())
 }

@@ -11,6 +11,8 @@
 //! - [`trainer`]: the loop as a value ([`Trainer`]) with its position ([`TrainState`]) and
 //!   an [`Observer`] for steps, epochs and stop requests.
 //!
+//! - [`threads`]: one pool of CPU threads for the process ([`configure_cpu_threads`]).
+//!
 //! `examples/train_from_rust.rs` trains, resumes and evaluates a tiny SA-VAE through this
 //! API. Second-order autodiff needs `savae_implicit::enable_second_order()` called first
 //! (before any backward pass of the thread).
@@ -22,6 +24,7 @@ pub mod config;
 pub mod eval;
 pub mod options;
 pub mod step;
+pub mod threads;
 pub mod trainer;
 
 pub use config::{SettingsFile, TrainConfig, TrainOverrides, SETTINGS};
@@ -30,4 +33,5 @@ pub use eval::{
 };
 pub use options::SettingError;
 pub use step::{ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput};
+pub use threads::configure_cpu_threads;
 pub use trainer::{Observer, RunOptions, Silent, TrainState, TrainSummary, Trainer};
