@@ -547,3 +547,51 @@ fn a_settings_file_sets_run_dir_and_flags_override_it() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `savae bench` on a tiny model: one JSON line per mode with its time and the heap it
+/// needed, counted by the allocator; the unrolled step, which keeps every λ_k's point for
+/// its backward, needs more than the implicit one.
+#[test]
+fn bench_reports_time_and_the_heap_each_step_needs() {
+    let out = ok(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--modes",
+        "savae-unrolled,savae-implicit",
+        "--k",
+        "20",
+        "--batch",
+        "20",
+        "--hidden",
+        "64",
+        "--latent-dim",
+        "4",
+        "--cg-iters",
+        "5",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--passes",
+        "analytic",
+    ]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("median_ms").is_some())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let heap = |mode: &str| {
+        let v = lines.iter().find(|v| v["mode"] == mode).unwrap();
+        assert!(v["median_ms"].as_f64().unwrap() > 0.0);
+        let kind = v["peak_mem_kind"].as_str().unwrap();
+        assert!(kind.starts_with("heap bytes"), "{kind}");
+        v["peak_mem_mib"].as_f64().unwrap()
+    };
+    let (unrolled, implicit) = (heap("savae-unrolled"), heap("savae-implicit"));
+    assert!(
+        implicit > 0.0 && unrolled > 2.0 * implicit,
+        "{unrolled} vs {implicit}"
+    );
+}

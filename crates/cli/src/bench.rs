@@ -1,8 +1,10 @@
 //! `savae bench`: median time of full training steps (step + Adam) per mode, K and batch
 //! size, with peak memory, as JSON lines.
 //!
-//! Peak memory: on CPU the process's peak resident set (VmHWM, reset before each
-//! configuration through /proc/self/clear_refs); on CUDA the device memory in use as
+//! Peak memory: on CPU the most heap bytes live at once during the configuration's steps,
+//! above those live when it started (the model, its Adam moments and the data), counted
+//! by the allocator (`crate::heap`; where it is not installed, the process's peak resident
+//! set instead); on CUDA the device memory in use as
 //! reported by the driver, sampled every 0.2 ms by a thread while the steps run, minus
 //! the memory in use before the configuration started.
 
@@ -108,8 +110,12 @@ pub trait MemProbe {
     fn stop(&mut self) -> Result<f64>;
 }
 
-/// CPU: VmHWM of this process (reset with clear_refs).
-pub struct CpuProbe;
+/// CPU: the peak of the allocator's live bytes above those at `start` (`crate::heap`), or
+/// the process's VmHWM (reset with clear_refs) where that allocator is not installed.
+#[derive(Default)]
+pub struct CpuProbe {
+    base: usize,
+}
 
 fn vm_field(name: &str) -> Result<f64> {
     let s = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
@@ -126,12 +132,33 @@ fn vm_field(name: &str) -> Result<f64> {
     Ok(kb / 1024.0)
 }
 
+impl CpuProbe {
+    /// Whether the counting allocator is installed (it has counted something).
+    fn counting() -> bool {
+        crate::heap::live_bytes() > 0
+    }
+
+    /// What `stop` reports.
+    pub fn kind() -> &'static str {
+        if Self::counting() {
+            "heap bytes live at the peak, above the start (model, Adam and data excluded)"
+        } else {
+            "process peak RSS"
+        }
+    }
+}
+
 impl MemProbe for CpuProbe {
     fn start(&mut self) -> Result<()> {
+        self.base = crate::heap::reset_peak();
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         Ok(())
     }
     fn stop(&mut self) -> Result<f64> {
+        if Self::counting() {
+            let peak = crate::heap::peak_bytes().saturating_sub(self.base);
+            return Ok(peak as f64 / (1024.0 * 1024.0));
+        }
         vm_field("VmHWM:")
     }
 }
@@ -210,7 +237,7 @@ fn probe_for(dev: &Device) -> Box<dyn MemProbe> {
         return Box::new(cuda_probe::CudaProbe::new(dev.clone()));
     }
     let _ = dev;
-    Box::new(CpuProbe)
+    Box::new(CpuProbe::default())
 }
 
 /// FLOPs of one decoder forward row (an image, or one token of a sentence), and the
@@ -429,7 +456,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "cg_iters_mean": cg_mean,
                     "median_ms": med, "min_ms": times[0], "examples_per_s": b as f64 / (med / 1e3),
                     "peak_mem_mib": peak,
-                    "peak_mem_kind": if dev.is_cuda() { "device used (driver), above baseline" } else { "process peak RSS" },
+                    "peak_mem_kind": if dev.is_cuda() { "device used (driver), above baseline" } else { CpuProbe::kind() },
                     "hidden": hidden, "latent_dim": latent_dim, "steps": a.steps,
                 });
                 if let Some(t) = tokens_per_batch {

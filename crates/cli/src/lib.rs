@@ -8,6 +8,7 @@ pub mod commands;
 pub mod device;
 pub mod flags;
 pub mod gradcheck;
+pub mod heap;
 pub mod report;
 pub mod sample;
 pub mod train_cmd;

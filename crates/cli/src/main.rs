@@ -6,8 +6,9 @@ use savae_cli::{commands, flags};
 /// tens of MB every step (vocabulary logits), and glibc's malloc returned them to the OS
 /// and page-faulted them back each time (measured: the `lm` step took 1.03 s with glibc,
 /// 0.51 s with its pages kept).
+/// (Counting its bytes for `savae bench`, `savae_cli::heap`.)
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: savae_cli::heap::CountingMiMalloc = savae_cli::heap::CountingMiMalloc;
 
 /// Keeps freed memory for reuse: mimalloc returns freed pages to the OS after its
 /// `purge_delay` (1 s), and a text step's vocabulary-sized tensors (27 MB each) then come
