@@ -231,5 +231,10 @@ fn row_blocks_give_the_whole_batch_result() {
         for (k, (g, w)) in mixed.iter().zip(&want_mixed).enumerate() {
             assert!(rel(g, w) < 1e-12, "{act:?}: mixed product {k}");
         }
+        let (got, want) = (got.weight_grads().unwrap(), want.weight_grads().unwrap());
+        assert_eq!(got.len(), want.len());
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(rel(g, w) < 1e-12, "{act:?}: weight gradient {k}");
+        }
     }
 }

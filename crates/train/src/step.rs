@@ -562,17 +562,17 @@ fn analytic_loss(
     lambda: &Tensor,
 ) -> Result<(f64, Vec<Tensor>, Tensor)> {
     let b = m.x.dim(0)? as f64;
-    let pt = MlpElbo {
+    let pt = DecoderElbo::Mlp(MlpElbo {
         mlp: &m.decoder,
         x: m.x,
         eps,
         beta,
-    }
+    })
     .at(lambda, true)?;
     let mut grads = zero_grads(model)?;
     let dec = scaled(pt.weight_grads()?, -1.0 / b)?;
     add_into(&mut grads, model, "decoder.", dec)?;
-    Ok((mean(&pt.values)?, grads, (&pt.grad * (-1.0 / b))?))
+    Ok((mean(pt.values())?, grads, (pt.grad() * (-1.0 / b))?))
 }
 
 /// The vae step on the analytic passes: L = −(1/B) Σ ELBO_β(λ0), with the decoder's

@@ -230,15 +230,37 @@ impl ElboPoint {
     /// H v and the mixed product ∇_θ(vᵀ∇_λ f) for the decoder's parameters, in the
     /// order of its `decoder.*` parameters.
     pub fn hvp_and_mixed(&self, v: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let mut parts = self.per_part(v, |p, v| p.hvp_and_mixed(v))?.into_iter();
-        let (first_hv, mut mixed) = parts.next().expect("a point has a block");
-        let mut hv = vec![first_hv];
-        for (h, m) in parts {
-            hv.push(h);
-            for (acc, m) in mixed.iter_mut().zip(m) {
-                *acc = (&*acc + m)?;
-            }
-        }
-        Ok((cat_rows(hv.iter())?, mixed))
+        let (hv, mixed): (Vec<Tensor>, Vec<Vec<Tensor>>) = self
+            .per_part(v, |p, v| p.hvp_and_mixed(v))?
+            .into_iter()
+            .unzip();
+        Ok((cat_rows(hv.iter())?, sum_in_order(mixed)?))
     }
+
+    /// ∇_θ Σ_b f_b for an MLP decoder's parameters (weight, bias of each layer, in
+    /// order). Needs a point made with `for_hessian`.
+    pub fn weight_grads(&self) -> Result<Vec<Tensor>> {
+        use rayon::prelude::*;
+        let per_block = self
+            .parts
+            .par_iter()
+            .map(|(_, _, p)| match p {
+                PartPoint::Mlp(p) => p.weight_grads(),
+                PartPoint::Lstm(_) => anyhow::bail!("weight gradients are the MLP decoder's"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sum_in_order(per_block)
+    }
+}
+
+/// The blocks' parameter tensors summed, block by block in order.
+fn sum_in_order(per_block: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+    let mut blocks = per_block.into_iter();
+    let mut acc = blocks.next().unwrap_or_default();
+    for block in blocks {
+        for (a, t) in acc.iter_mut().zip(block) {
+            *a = (&*a + t)?;
+        }
+    }
+    Ok(acc)
 }
