@@ -46,63 +46,42 @@ pub(crate) trait Real:
     fn relu(self) -> Self;
 }
 
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn exp(self) -> Self {
-        exp_f32(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline(always)]
-    fn ln_1p_unit(self) -> Self {
-        ln_1p_unit_f32(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    #[inline(always)]
-    fn relu(self) -> Self {
-        if self < 0.0 {
-            0.0
-        } else {
-            self
+/// `Real` for a float type, with its exp and ln(1 + e) on [0, 1].
+macro_rules! real {
+    ($t:ty, $exp:path, $ln_1p_unit:path) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline(always)]
+            fn exp(self) -> Self {
+                $exp(self)
+            }
+            #[inline(always)]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline(always)]
+            fn ln_1p_unit(self) -> Self {
+                $ln_1p_unit(self)
+            }
+            #[inline(always)]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline(always)]
+            fn relu(self) -> Self {
+                if self < 0.0 {
+                    0.0
+                } else {
+                    self
+                }
+            }
         }
-    }
+    };
 }
 
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn ln_1p_unit(self) -> Self {
-        f64::ln_1p(self)
-    }
-    #[inline(always)]
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    #[inline(always)]
-    fn relu(self) -> Self {
-        if self < 0.0 {
-            0.0
-        } else {
-            self
-        }
-    }
-}
+real!(f32, exp_f32, ln_1p_unit_f32);
+real!(f64, f64::exp, f64::ln_1p);
 
 /// eˣ in f32 without a branch or a library call, so that loops over it vectorize:
 /// x = n ln 2 + r with n = round(x log₂e) and |r| ≤ ln 2 / 2 (ln 2 in two parts), eʳ by

@@ -183,6 +183,25 @@ fn inputs_of_steps(h0: &Tensor, hs: &Tensor) -> Result<Tensor> {
 }
 
 impl<'a> LstmElbo<'a> {
+    /// [`LstmElbo::at`] for the sentences `start .. start + len` alone (`lambda` holds
+    /// their rows; the dropout masks are cut with them).
+    pub fn rows_at(
+        &self,
+        start: usize,
+        len: usize,
+        lambda: &Tensor,
+        for_hessian: bool,
+    ) -> Result<LstmElboPoint> {
+        let x = self.x.rows(start, len)?;
+        let eps = Noise(self.eps.0.narrow(1, start, len)?);
+        LstmElbo {
+            x: &x,
+            eps: &eps,
+            ..*self
+        }
+        .at(lambda, for_hessian)
+    }
+
     /// The value and gradient at `lambda: [B, 2d]`, and with `for_hessian` what
     /// [`LstmElboPoint::hvp`] needs.
     pub fn at(&self, lambda: &Tensor, for_hessian: bool) -> Result<LstmElboPoint> {

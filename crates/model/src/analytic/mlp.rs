@@ -86,6 +86,25 @@ struct HessianCache {
 }
 
 impl<'a> MlpElbo<'a> {
+    /// [`MlpElbo::at`] for the examples `start .. start + len` alone (`lambda` holds
+    /// their rows).
+    pub fn rows_at(
+        &self,
+        start: usize,
+        len: usize,
+        lambda: &Tensor,
+        for_hessian: bool,
+    ) -> Result<MlpElboPoint> {
+        let x = self.x.narrow(0, start, len)?;
+        let eps = Noise(self.eps.0.narrow(1, start, len)?);
+        MlpElbo {
+            x: &x,
+            eps: &eps,
+            ..*self
+        }
+        .at(lambda, for_hessian)
+    }
+
     /// The value and gradient at `lambda: [B, 2d]`, and with `for_hessian` what
     /// [`MlpElboPoint::hvp`] needs.
     pub fn at(&self, lambda: &Tensor, for_hessian: bool) -> Result<MlpElboPoint> {

@@ -15,7 +15,6 @@ pub mod mlp;
 pub use lstm::{LstmElbo, LstmElboPoint};
 pub use mlp::{MlpElbo, MlpElboPoint};
 
-use crate::Noise;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -109,34 +108,9 @@ impl DecoderElbo<'_> {
         let blocks = row_blocks(b, lambda.device());
         let parts = per_block(&blocks, |start, len| {
             let lambda = lambda.narrow(0, start, len)?;
-            let whole = start == 0 && len == b;
             Ok(match self {
-                Self::Mlp(m) if whole => PartPoint::Mlp(m.at(&lambda, for_hessian)?),
-                Self::Mlp(m) => {
-                    let (x, eps) = (
-                        m.x.narrow(0, start, len)?,
-                        Noise(m.eps.0.narrow(1, start, len)?),
-                    );
-                    let part = MlpElbo {
-                        mlp: m.mlp,
-                        x: &x,
-                        eps: &eps,
-                        beta: m.beta,
-                    };
-                    PartPoint::Mlp(part.at(&lambda, for_hessian)?)
-                }
-                Self::Lstm(l) if whole => PartPoint::Lstm(l.at(&lambda, for_hessian)?),
-                Self::Lstm(l) => {
-                    let x = l.x.rows(start, len)?;
-                    let eps = Noise(l.eps.0.narrow(1, start, len)?);
-                    let part = LstmElbo {
-                        decoder: l.decoder,
-                        x: &x,
-                        eps: &eps,
-                        beta: l.beta,
-                    };
-                    PartPoint::Lstm(part.at(&lambda, for_hessian)?)
-                }
+                Self::Mlp(m) => PartPoint::Mlp(m.rows_at(start, len, &lambda, for_hessian)?),
+                Self::Lstm(l) => PartPoint::Lstm(l.rows_at(start, len, &lambda, for_hessian)?),
             })
         })?;
         let values = cat_rows(parts.iter().map(|p| p.values()))?;
