@@ -420,12 +420,11 @@ pub fn train_step_outer(
                 encoder: Some(enc), ..
             },
         ) if taped => {
-            let (l, t) = enc.forward_taped(m.x)?;
-            let lambda0 = VariationalParams(l);
             if cfg.mode == Mode::Vae {
-                return vae_step_analytic(model, m, enc, &t, &lambda0, eps, beta);
+                return vae_step_analytic(model, m, enc, eps, beta);
             }
-            (lambda0, Some(t))
+            let (l, t) = enc.forward_taped(m.x)?;
+            (VariationalParams(l), Some(t))
         }
         _ => (model.encode(x)?, None),
     };
@@ -575,34 +574,56 @@ fn analytic_loss(
     Ok((mean(pt.values())?, grads, (pt.grad() * (-1.0 / b))?))
 }
 
-/// The vae step on the analytic passes: L = −(1/B) Σ ELBO_β(λ0), with the decoder's
-/// gradient from the point at λ0 and the encoder's by its hand backward of ∂L/∂λ0.
+/// The vae step on the analytic passes: L = −(1/B) Σ ELBO_β(λ0), λ0 = enc(x), with the
+/// decoder's gradient from the point at λ0 and the encoder's by its hand backward of
+/// ∂L/∂λ0. Every part is per example, so the whole step runs per row block
+/// ([`savae_model::analytic::row_blocks`], two threads on a large enough CPU batch), and
+/// the blocks' gradients are added in block order.
 fn vae_step_analytic(
     model: &Vae,
     m: &AnalyticMlps,
     enc: &Mlp,
-    tape: &MlpTape,
-    lambda0: &VariationalParams,
     eps: &Noise,
     beta: f64,
 ) -> Result<StepOutput> {
-    let (e, mut grads, upstream) = analytic_loss(model, m, eps, beta, &lambda0.0)?;
-    add_into(
-        &mut grads,
-        model,
-        "encoder.",
-        enc.backward(tape, &upstream)?,
-    )?;
+    use savae_model::analytic::{per_block, row_blocks};
+    let b = m.x.dim(0)?;
+    let scale = -1.0 / b as f64;
+    let blocks = row_blocks(b, m.x.device());
+    let parts = per_block(&blocks, |start, len| {
+        let x = m.x.narrow(0, start, len)?;
+        let (lambda0, tape) = enc.forward_taped(&x)?;
+        let whole = MlpElbo {
+            mlp: &m.decoder,
+            x: m.x,
+            eps,
+            beta,
+        };
+        let pt = whole.rows_at(start, len, &lambda0, true)?;
+        let dec = scaled(pt.weight_grads()?, scale)?;
+        let enc_grads = enc.backward(&tape, &(&pt.grad * scale)?)?;
+        Ok((pt.values, lambda0, dec, enc_grads))
+    })?;
+    let mut grads = zero_grads(model)?;
+    let (mut values, mut lambda0) = (Vec::new(), Vec::new());
+    for (v, l, dec, enc_grads) in parts {
+        add_into(&mut grads, model, "decoder.", dec)?;
+        add_into(&mut grads, model, "encoder.", enc_grads)?;
+        values.push(v);
+        lambda0.push(l);
+    }
+    let e = mean(&Tensor::cat(&values, 0)?)?;
+    let lambda0 = VariationalParams(Tensor::cat(&lambda0, 0)?);
     Ok(StepOutput {
         grads,
         loss: -e,
         elbo_amortized: e,
         elbo_refined: None,
-        kl: mean(&savae_model::gaussian_kl(lambda0)?)?,
+        kl: mean(&savae_model::gaussian_kl(&lambda0)?)?,
         svi: None,
         cg: None,
         lambda_refined: None,
-        lambda0: lambda0.0.detach(),
+        lambda0: lambda0.0,
     })
 }
 

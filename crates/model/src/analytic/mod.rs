@@ -73,7 +73,7 @@ pub const ROW_CHUNKS: usize = 2;
 const MIN_CHUNK_ROWS: usize = 16;
 
 /// The row blocks `(first, count)` of a batch of `b` examples on `device`.
-fn row_blocks(b: usize, device: &candle_core::Device) -> Vec<(usize, usize)> {
+pub fn row_blocks(b: usize, device: &candle_core::Device) -> Vec<(usize, usize)> {
     let n = if device.is_cpu() {
         (b / MIN_CHUNK_ROWS).clamp(1, ROW_CHUNKS)
     } else {
@@ -85,8 +85,9 @@ fn row_blocks(b: usize, device: &candle_core::Device) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Runs `f` on every block, in parallel when there is more than one.
-fn per_block<T: Send>(
+/// Runs `f` on every block, in parallel when there is more than one; the results in
+/// block order.
+pub fn per_block<T: Send>(
     blocks: &[(usize, usize)],
     f: impl Fn(usize, usize) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
