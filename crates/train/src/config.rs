@@ -126,9 +126,9 @@ settings! {
     #[arg(value_enum)]
     hvp: one HvpKind = HvpKind::Exact;
     /// Derivatives of the inner ELBO: analytic (hand-derived passes for its gradient,
-    /// Hessian-vector and mixed products, MLP and LSTM decoders; for MLP models also the
-    /// loss's weight gradients and the encoder's backward) or autograd (candle's backward
-    /// and double backward, the reference).
+    /// Hessian-vector and mixed products and the SA-VAE loss's weight gradients, MLP and
+    /// LSTM decoders; for MLP models also the encoder's backward) or autograd (candle's
+    /// backward and double backward, the reference).
     #[serde(default = "autograd_passes")]
     #[arg(value_enum)]
     passes: one Passes = Passes::Analytic;

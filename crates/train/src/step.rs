@@ -551,23 +551,15 @@ fn scaled(ts: Vec<Tensor>, k: f64) -> Result<Vec<Tensor>> {
     ts.into_iter().map(|t| Ok((t * k)?)).collect()
 }
 
-/// L = −(1/B) Σ_b ELBO_β(λ_b) on the analytic passes: the mean ELBO, ∂L/∂θ (the
-/// decoder's entries; zeros elsewhere) and ∂L/∂λ.
+/// L = −(1/B) Σ_b ELBO_β(λ_b) on the analytic passes of `elbo` (in row blocks): the
+/// mean ELBO, ∂L/∂θ (the decoder's entries; zeros elsewhere) and ∂L/∂λ.
 fn analytic_loss(
     model: &Vae,
-    m: &AnalyticMlps,
-    eps: &Noise,
-    beta: f64,
+    elbo: &DecoderElbo,
     lambda: &Tensor,
 ) -> Result<(f64, Vec<Tensor>, Tensor)> {
-    let b = m.x.dim(0)? as f64;
-    let pt = DecoderElbo::Mlp(MlpElbo {
-        mlp: &m.decoder,
-        x: m.x,
-        eps,
-        beta,
-    })
-    .at(lambda, true)?;
+    let b = lambda.dim(0)? as f64;
+    let pt = elbo.at(lambda, true)?;
     let mut grads = zero_grads(model)?;
     let dec = scaled(pt.weight_grads()?, -1.0 / b)?;
     add_into(&mut grads, model, "decoder.", dec)?;
@@ -700,9 +692,13 @@ fn savae_step(
     // ELBO at λ* with the model's decoder and the outer draws: ∂_θ L and ∇_λ L (on
     // autograd with the refinement's own draws, the graph is kept for the mixed term).
     let outer = s.outer_eps.unwrap_or(s.eps);
-    let (refined_elbo, mut grads, g, at_opt) = match s.mlps {
-        Some(m) => {
-            let (e, grads, g) = analytic_loss(model, m, outer, s.beta, &r.lambda)?;
+    let on_outer = InnerElbo {
+        eps: outer,
+        ..s.inner()
+    };
+    let (refined_elbo, mut grads, g, at_opt) = match on_outer.analytic() {
+        Some(a) => {
+            let (e, grads, g) = analytic_loss(model, &a, &r.lambda)?;
             (e, grads, g, None)
         }
         None => {

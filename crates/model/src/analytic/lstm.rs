@@ -365,6 +365,49 @@ impl<'a> LstmElbo<'a> {
 }
 
 impl LstmElboPoint {
+    /// ∇_θ Σ_b f_b for the decoder's parameters in `decoder.*` order (embed,
+    /// lstm.weight_ih, lstm.weight_hh, lstm.bias, init.weight, init.bias, out.weight,
+    /// out.bias), from the reverse pass this point kept: ∂/∂W_hh = Σ ∂γ_tᵀ h_{t−1},
+    /// ∂/∂W_ih = Σ ∂γ_tᵀ (e_t, z), ∂/∂E[x_t] = (∂γ_t W_e) ⊙ mask, ∂/∂W_init = ∂h_0ᵀ z,
+    /// ∂/∂W_o = δℓᵀ (h ⊙ m) with δℓ = onehot(y) − p, each bias the sum of its δ — the
+    /// first-order half of [`LstmElboPoint::hvp_and_mixed`]. Needs a point made with
+    /// `for_hessian`.
+    pub fn weight_grads(&self) -> Result<Vec<Tensor>> {
+        let Some(c) = &self.cache else {
+            bail!("this ELBO point was evaluated without its cache");
+        };
+        let w = &c.w;
+        let (s, b, t, h) = c.dims;
+        let g4 = 4 * h;
+        let dg_flat = c.dgamma.reshape((s * b * t, g4))?;
+        // The embeddings are shared by the draws: sum ∂γ over s first.
+        let dg_sb = dg_flat.reshape((s, b * t, g4))?.sum(0)?; // [B·T, 4H]
+        let mut g_emb = dg_sb.matmul(&w.w_e)?; // [B·T, E]
+        if let Some(m) = &c.embed_mask {
+            g_emb = g_emb.mul(m)?;
+        }
+        let (vocab, e) = (w.w_o.dim(0)?, w.w_e.dim(1)?);
+        let (dtype, dev) = (g_emb.dtype(), g_emb.device().clone());
+        let embed = Tensor::zeros((vocab, e), dtype, &dev)?.index_add(&c.inputs, &g_emb, 0)?;
+        let w_ih_e = dg_sb.t()?.matmul(&c.emb)?; // [4H, E]
+        let w_ih_z = c.dgamma.sum(1)?.t()?.matmul(&c.z)?; // [4H, d]
+        let w_ih = Tensor::cat(&[&w_ih_e, &w_ih_z], 1)?;
+        let w_hh = dg_flat.t()?.matmul(&c.h_prev)?;
+        let bias = dg_flat.sum(0)?;
+        let w_init = c.dh0.t()?.matmul(&c.z)?; // [H, d]
+        let b_init = c.dh0.sum(0)?;
+        let onehot_hd = w.w_o.zeros_like()?.index_add(&c.targets, &c.hd, 0)?;
+        let w_out = (onehot_hd - c.p.t()?.matmul(&c.hd)?)?;
+        let ones = Tensor::ones(c.targets.dim(0)?, dtype, &dev)?;
+        let counts = Tensor::zeros(vocab, dtype, &dev)?.index_add(&c.targets, &ones, 0)?;
+        let b_out = (counts - c.p.sum(0)?)?;
+        let inv_s = 1.0 / s as f64;
+        [embed, w_ih, w_hh, bias, w_init, b_init, w_out, b_out]
+            .into_iter()
+            .map(|g| Ok((g * inv_s)?))
+            .collect()
+    }
+
     /// H v for `v: [B, 2d]`. Needs a point made with `for_hessian`.
     pub fn hvp(&self, v: &Tensor) -> Result<Tensor> {
         Ok(self.products(v, false)?.0)

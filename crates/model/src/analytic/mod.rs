@@ -212,8 +212,8 @@ impl ElboPoint {
         Ok((cat_rows(hv.iter())?, sum_in_order(mixed)?))
     }
 
-    /// ∇_θ Σ_b f_b for an MLP decoder's parameters (weight, bias of each layer, in
-    /// order). Needs a point made with `for_hessian`.
+    /// ∇_θ Σ_b f_b for the decoder's parameters, in the order of its `decoder.*`
+    /// parameters. Needs a point made with `for_hessian`.
     pub fn weight_grads(&self) -> Result<Vec<Tensor>> {
         use rayon::prelude::*;
         let per_block = self
@@ -221,7 +221,7 @@ impl ElboPoint {
             .par_iter()
             .map(|(_, _, p)| match p {
                 PartPoint::Mlp(p) => p.weight_grads(),
-                PartPoint::Lstm(_) => anyhow::bail!("weight gradients are the MLP decoder's"),
+                PartPoint::Lstm(p) => p.weight_grads(),
             })
             .collect::<Result<Vec<_>>>()?;
         sum_in_order(per_block)
