@@ -125,7 +125,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         "the whole test split with 500 importance samples takes about half an hour on 2 CPU \
          cores for PTB"
     } else {
-        "the whole test split with 500 importance samples takes about 4 minutes on 2 CPU cores"
+        "the whole test split with 500 importance samples takes about 2–3 minutes on 2 CPU cores"
     };
     eprintln!(
         "savae: done — checkpoints in {0}/last.safetensors and {0}/best.safetensors, metrics in \

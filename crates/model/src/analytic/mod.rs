@@ -49,9 +49,9 @@ pub enum DecoderElbo<'a> {
 /// Every quantity here is per example (the weights are constants), so on the CPU a batch
 /// is evaluated in [`ROW_CHUNKS`] row blocks side by side, each on one thread from its
 /// forward to its last product: two cores then work on whole passes instead of splitting
-/// every small op between them (`../../README.md`, Speed). Values, gradients and
-/// products are put back in row order; the mixed products of the blocks are summed in
-/// block order.
+/// every small op between them (the README's Speed section). Values, gradients and
+/// products are put back in row order; the blocks' mixed products and weight gradients
+/// are summed in block order.
 pub struct ElboPoint {
     values: Tensor,
     grad: Tensor,
