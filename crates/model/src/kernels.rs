@@ -125,6 +125,17 @@ fn ln_1p_unit_f32(e: f32) -> f32 {
     2.0 * t * s
 }
 
+/// softplus(a), σ(a) and σ(a)(1 − σ(a)) from one e = e^{−|a|}: softplus = max(a, 0) +
+/// ln(1 + e), σ = 1/(1 + e) for a ≥ 0 and e/(1 + e) below, σ(1 − σ) = e/(1 + e)² (accurate
+/// in both tails, where 1 − σ would round to 0).
+#[inline(always)]
+fn softplus_parts<T: Real>(a: T) -> (T, T, T) {
+    let e = (-a.abs()).exp();
+    let q = T::ONE / (T::ONE + e);
+    let sigma = if a < T::ZERO { e * q } else { q };
+    (a.relu() + e.ln_1p_unit(), sigma, e * q * q)
+}
+
 /// Runs `f` compiled for AVX2 where the processor has it, so that the loops it inlines
 /// vectorize 8 lanes wide (the baseline x86-64 build vectorizes 4 wide).
 #[inline(always)]
@@ -284,10 +295,7 @@ pub fn softplus_and_sigmoid(a: &Tensor) -> Result<(Tensor, Tensor)> {
                 .for_each(|((h, s), v)| {
                     simd(|| {
                         for ((h, s), &a) in h.iter_mut().zip(s.iter_mut()).zip(v) {
-                            let e = (-a.abs()).exp();
-                            *h = a.relu() + e.ln_1p_unit();
-                            let q = T::ONE / (T::ONE + e);
-                            *s = if a < T::ZERO { e * q } else { q };
+                            (*h, *s, _) = softplus_parts(a);
                         }
                     })
                 });
@@ -338,14 +346,11 @@ pub fn bernoulli_terms(o: &Tensor, x: &Tensor, with_var: bool) -> Result<Bernoul
     /// One row: δ = x − σ(o) into `d`, σ(1 − σ) into `v`, and the row's log-likelihood.
     #[inline(always)]
     fn row<T: Real>(o: &[T], x: &[T], d: &mut [T], v: Option<&mut [T]>) -> T {
-        // x o − softplus(o), x − σ(o) and σ(o)(1 − σ(o)) = e/(1 + e)² (accurate in both
-        // tails, where 1 − σ would round to 0) from one e = e^{−|o|}.
+        // x o − softplus(o), x − σ(o) and σ(o)(1 − σ(o)).
         #[inline(always)]
         fn terms<T: Real>(o: T, x: T) -> (T, T, T) {
-            let e = (-o.abs()).exp();
-            let q = T::ONE / (T::ONE + e);
-            let s = if o < T::ZERO { e * q } else { q };
-            (x * o - (o.relu() + e.ln_1p_unit()), x - s, e * q * q)
+            let (softplus, sigma, var) = softplus_parts(o);
+            (x * o - softplus, x - sigma, var)
         }
         simd(|| {
             let full = o.len() / LANES * LANES;

@@ -160,6 +160,42 @@ struct LstmCache {
     dims: (usize, usize, usize, usize),
 }
 
+impl LstmCache {
+    /// The gradients of the embedding table `[V, E]` and of W_ih's word columns
+    /// `[4H, E]` for `dg_flat: [N·T, 4H]`, ∂γ or its tangent (the embeddings do not depend
+    /// on λ): the draws share the embeddings, so ∂γ is summed over them first; the table's
+    /// rows get (∂γ W_e) ⊙ mask at each input word.
+    fn embedding_grads(&self, dg_flat: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (s, b, t, h) = self.dims;
+        let dg_sb = dg_flat.reshape((s, b * t, 4 * h))?.sum(0)?; // [B·T, 4H]
+        let mut g_emb = dg_sb.matmul(&self.w.w_e)?; // [B·T, E]
+        if let Some(m) = &self.embed_mask {
+            g_emb = g_emb.mul(m)?;
+        }
+        let (vocab, e) = (self.w.w_o.dim(0)?, self.w.w_e.dim(1)?);
+        let embed = Tensor::zeros((vocab, e), g_emb.dtype(), g_emb.device())?.index_add(
+            &self.inputs,
+            &g_emb,
+            0,
+        )?;
+        Ok((embed, dg_sb.t()?.matmul(&self.emb)?))
+    }
+
+    /// onehot(y)ᵀ x for `x: [N·T, …]`: the rows of x added up at their target words,
+    /// `[V, …]`.
+    fn onehot_t(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        dims[0] = self.w.w_o.dim(0)?;
+        Ok(Tensor::zeros(dims, x.dtype(), x.device())?.index_add(&self.targets, x, 0)?)
+    }
+
+    /// The decoder's parameter gradients of the draws' sum, divided by S.
+    fn mean_over_draws(&self, grads: [Tensor; 8]) -> Result<Vec<Tensor>> {
+        let inv_s = 1.0 / self.dims.0 as f64;
+        grads.into_iter().map(|g| Ok((g * inv_s)?)).collect()
+    }
+}
+
 /// `t: [S·B, T, H]` (or `[S·B·T, H]`) times a mask `[B, T, H]` broadcast over the draws.
 fn masked(
     t: &Tensor,
@@ -376,36 +412,20 @@ impl LstmElboPoint {
         let Some(c) = &self.cache else {
             bail!("this ELBO point was evaluated without its cache");
         };
-        let w = &c.w;
         let (s, b, t, h) = c.dims;
-        let g4 = 4 * h;
-        let dg_flat = c.dgamma.reshape((s * b * t, g4))?;
-        // The embeddings are shared by the draws: sum ∂γ over s first.
-        let dg_sb = dg_flat.reshape((s, b * t, g4))?.sum(0)?; // [B·T, 4H]
-        let mut g_emb = dg_sb.matmul(&w.w_e)?; // [B·T, E]
-        if let Some(m) = &c.embed_mask {
-            g_emb = g_emb.mul(m)?;
-        }
-        let (vocab, e) = (w.w_o.dim(0)?, w.w_e.dim(1)?);
-        let (dtype, dev) = (g_emb.dtype(), g_emb.device().clone());
-        let embed = Tensor::zeros((vocab, e), dtype, &dev)?.index_add(&c.inputs, &g_emb, 0)?;
-        let w_ih_e = dg_sb.t()?.matmul(&c.emb)?; // [4H, E]
+        let dg_flat = c.dgamma.reshape((s * b * t, 4 * h))?;
+        let (embed, w_ih_e) = c.embedding_grads(&dg_flat)?;
         let w_ih_z = c.dgamma.sum(1)?.t()?.matmul(&c.z)?; // [4H, d]
         let w_ih = Tensor::cat(&[&w_ih_e, &w_ih_z], 1)?;
         let w_hh = dg_flat.t()?.matmul(&c.h_prev)?;
         let bias = dg_flat.sum(0)?;
         let w_init = c.dh0.t()?.matmul(&c.z)?; // [H, d]
         let b_init = c.dh0.sum(0)?;
-        let onehot_hd = w.w_o.zeros_like()?.index_add(&c.targets, &c.hd, 0)?;
-        let w_out = (onehot_hd - c.p.t()?.matmul(&c.hd)?)?;
-        let ones = Tensor::ones(c.targets.dim(0)?, dtype, &dev)?;
-        let counts = Tensor::zeros(vocab, dtype, &dev)?.index_add(&c.targets, &ones, 0)?;
-        let b_out = (counts - c.p.sum(0)?)?;
-        let inv_s = 1.0 / s as f64;
-        [embed, w_ih, w_hh, bias, w_init, b_init, w_out, b_out]
-            .into_iter()
-            .map(|g| Ok((g * inv_s)?))
-            .collect()
+        // δℓ = onehot(y) − p.
+        let w_out = (c.onehot_t(&c.hd)? - c.p.t()?.matmul(&c.hd)?)?;
+        let ones = Tensor::ones(c.targets.dim(0)?, c.p.dtype(), c.p.device())?;
+        let b_out = (c.onehot_t(&ones)? - c.p.sum(0)?)?;
+        c.mean_over_draws([embed, w_ih, w_hh, bias, w_init, b_init, w_out, b_out])
     }
 
     /// H v for `v: [B, 2d]`. Needs a point made with `for_hessian`.
@@ -493,20 +513,11 @@ impl LstmElboPoint {
             return Ok((hv, Vec::new()));
         }
         let h_prev_t = inputs_of_steps(&h0t, &h_out_t)?;
-        let inv_s = 1.0 / s as f64;
         let g4 = 4 * h;
         let dg_flat = c.dgamma.reshape((n * t, g4))?;
         let dgt_flat = dgammat.reshape((n * t, g4))?;
-        // The embeddings are shared by the draws: sum ∂γ' over s first.
-        let dgt_sb = dgt_flat.reshape((s, b * t, g4))?.sum(0)?; // [B·T, 4H]
-        let mut g_emb = dgt_sb.matmul(&w.w_e)?; // [B·T, E]
-        if let Some(m) = &c.embed_mask {
-            g_emb = g_emb.mul(m)?;
-        }
-        let (vocab, e) = (w.w_o.dim(0)?, w.w_e.dim(1)?);
-        let embed = Tensor::zeros((vocab, e), g_emb.dtype(), g_emb.device())?
-            .index_add(&c.inputs, &g_emb, 0)?;
-        let w_ih_e = dgt_sb.t()?.matmul(&c.emb)?; // [4H, E]
+        // The embeddings do not depend on λ: their terms take ∂γ' alone.
+        let (embed, w_ih_e) = c.embedding_grads(&dgt_flat)?;
         let dgt_sum = dgammat.sum(1)?; // [N, 4H]
         let dg_sum = c.dgamma.sum(1)?;
         let w_ih_z = (dgt_sum.t()?.matmul(&c.z)? + dg_sum.t()?.matmul(&zt)?)?; // [4H, d]
@@ -516,13 +527,9 @@ impl LstmElboPoint {
         let w_init = (dh0t.t()?.matmul(&c.z)? + c.dh0.t()?.matmul(&zt)?)?; // [H, d]
         let b_init = dh0t.sum(0)?;
         // ∂/∂W_o = δℓᵀ hd, δℓ = onehot(y) − p: tangent δℓ'ᵀ hd + onehotᵀ hd' − pᵀ hd'.
-        let onehot_hdt = w.w_o.zeros_like()?.index_add(&c.targets, &hdt, 0)?;
-        let w_out = ((dlt.t()?.matmul(&c.hd)? + onehot_hdt)? - c.p.t()?.matmul(&hdt)?)?;
+        let w_out = ((dlt.t()?.matmul(&c.hd)? + c.onehot_t(&hdt)?)? - c.p.t()?.matmul(&hdt)?)?;
         let b_out = dlt.sum(0)?;
-        let grads = [embed, w_ih, w_hh, bias, w_init, b_init, w_out, b_out]
-            .into_iter()
-            .map(|g| Ok((g * inv_s)?))
-            .collect::<Result<Vec<_>>>()?;
+        let grads = c.mean_over_draws([embed, w_ih, w_hh, bias, w_init, b_init, w_out, b_out])?;
         Ok((hv, grads))
     }
 }
