@@ -36,14 +36,27 @@ fn config(kind: &str) -> ModelConfig {
 /// A tiny model (weights ±0.5 so that the LSTM is not near-linear), three sentences of
 /// four words (one `<unk>`), optional fixed dropout masks, and two noise draws.
 fn setup(dropout: bool) -> (Vae, Batch, Noise) {
+    let sents = [vec![3u32, 4, 5, 6], vec![6, 0, 3, 3], vec![5, 5, 4, 3]];
+    setup_with(dropout, &sents)
+}
+
+/// [`setup`] for `b` made-up sentences of four words.
+fn setup_n(dropout: bool, b: usize) -> (Vae, Batch, Noise) {
+    let sents: Vec<Vec<u32>> = (0..b)
+        .map(|i| (0..4).map(|t| ((i * 3 + t * 5) % V) as u32).collect())
+        .collect();
+    setup_with(dropout, &sents)
+}
+
+fn setup_with(dropout: bool, sents: &[Vec<u32>]) -> (Vae, Batch, Noise) {
     savae_implicit::enable_second_order();
     let dev = Device::Cpu;
+    let b = sents.len();
     let model = Vae::new(&config("savae"), 5, DType::F64, &dev).unwrap();
     for (_, v) in model.params.iter() {
         let t = (v.as_tensor() * 5.0).unwrap();
         v.set(&t).unwrap();
     }
-    let sents = [vec![3u32, 4, 5, 6], vec![6, 0, 3, 3], vec![5, 5, 4, 3]];
     let refs: Vec<&Vec<u32>> = sents.iter().collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let dr = dropout.then_some(Dropout {
@@ -53,8 +66,8 @@ fn setup(dropout: bool) -> (Vae, Batch, Noise) {
     });
     let x = token_batch(&refs, &mut rng, DType::F64, &dev, dr).unwrap();
     assert_eq!(x.dropout.is_some(), dropout);
-    let e: Vec<f64> = (0..2 * 3 * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
-    let eps = Noise(Tensor::from_vec(e, (2, 3, 2), &dev).unwrap());
+    let e: Vec<f64> = (0..2 * b * 2).map(|i| ((i as f64) * 0.77).sin()).collect();
+    let eps = Noise(Tensor::from_vec(e, (2, b, 2), &dev).unwrap());
     (model, Batch::Text(x), eps)
 }
 
@@ -342,36 +355,79 @@ fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
 }
 
 /// Whole text steps give the same loss and gradients on the analytic and the autograd
-/// path (f64, dropout on): implicit and unrolled SA-VAE, Newton refinement, vae-svi.
+/// path (f64, dropout on): the vae step (the encoder's hand backward), implicit SA-VAE
+/// with either encoder loss, unrolled SA-VAE, Newton refinement, vae-svi; at B = 3 and at
+/// B = 34 (two row blocks).
 #[test]
 fn text_training_steps_agree_on_both_paths() {
-    let (model, x, eps) = setup(true);
     let newton = {
         let mut c = step_cfg(Mode::VaeSvi, 4);
         c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);
         c
     };
-    for (name, base) in [
-        ("implicit", step_cfg(savae_implicit(HvpKind::Exact), 30)),
-        ("unrolled", step_cfg(savae_unrolled(), 30)),
-        ("newton", newton),
-        ("vae-svi", step_cfg(Mode::VaeSvi, 10)),
-    ] {
+    let own_encoder = match savae_implicit(HvpKind::Exact) {
+        Mode::Savae { gradient, .. } => Mode::Savae {
+            gradient,
+            encoder_loss: savae_train::options::EncoderLoss::Amortized,
+        },
+        m => m,
+    };
+    for b in [3, 34] {
+        let (model, x, eps) = setup_n(true, b);
+        let mut cases = vec![
+            ("vae", step_cfg(Mode::Vae, 0)),
+            ("implicit", step_cfg(savae_implicit(HvpKind::Exact), 30)),
+            ("implicit, own encoder loss", step_cfg(own_encoder, 10)),
+        ];
+        if b == 3 {
+            cases.extend([
+                ("unrolled", step_cfg(savae_unrolled(), 30)),
+                ("newton", newton),
+                ("vae-svi", step_cfg(Mode::VaeSvi, 10)),
+            ]);
+        }
+        for (name, base) in cases {
+            let run = |passes| {
+                let mut c = base;
+                c.passes = passes;
+                train_step(&model, &x, &eps, &c).unwrap()
+            };
+            let a = run(savae_model::Passes::Analytic);
+            let r = run(savae_model::Passes::Autograd);
+            let e = rel_err(&flat(&a.grads), &flat(&r.grads));
+            assert!(e < 1e-10, "{name}, B = {b}: gradients differ by {e:e}");
+            assert!(
+                (a.loss - r.loss).abs() <= 1e-10 * r.loss.abs(),
+                "{name}, B = {b}: loss {} vs {}",
+                a.loss,
+                r.loss
+            );
+        }
+    }
+}
+
+/// The language model's hand-derived step gives autograd's loss and gradients (f64,
+/// dropout on), at B = 3 and at B = 34 (two row blocks).
+#[test]
+fn language_model_steps_agree_on_both_paths() {
+    let dev = Device::Cpu;
+    for b in [3usize, 34] {
+        let lm = Vae::new(&config("lm"), 5, DType::F64, &dev).unwrap();
+        for (_, v) in lm.params.iter() {
+            v.set(&(v.as_tensor() * 5.0).unwrap()).unwrap();
+        }
+        let (_, x, eps) = setup_n(true, b);
         let run = |passes| {
-            let mut c = base;
+            let mut c = step_cfg(Mode::Lm, 0);
             c.passes = passes;
-            train_step(&model, &x, &eps, &c).unwrap()
+            train_step(&lm, &x, &eps, &c).unwrap()
         };
         let a = run(savae_model::Passes::Analytic);
         let r = run(savae_model::Passes::Autograd);
         let e = rel_err(&flat(&a.grads), &flat(&r.grads));
-        assert!(e < 1e-10, "{name}: gradients differ by {e:e}");
-        assert!(
-            (a.loss - r.loss).abs() <= 1e-10 * r.loss.abs(),
-            "{name}: loss {} vs {}",
-            a.loss,
-            r.loss
-        );
+        assert!(e < 1e-10, "B = {b}: gradients differ by {e:e}");
+        assert!((a.loss - r.loss).abs() <= 1e-10 * r.loss.abs());
+        assert!(flat(&a.grads).iter().all(|g| g.is_finite()));
     }
 }
 

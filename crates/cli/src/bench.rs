@@ -400,14 +400,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             } else {
                 (a.hidden.clone(), a.latent_dim)
             };
-            // The text vae step has one path (autograd): its loss and the encoder's
-            // gradient are not on the analytic passes, which serve the refinement.
-            let one_path = text && !model_kind.refines();
-            let passes: Vec<Passes> = if one_path {
-                vec![Passes::Autograd]
-            } else {
-                a.passes.clone()
-            };
+            let passes = a.passes.clone();
             for (&k, &passes) in ks.iter().flat_map(|k| passes.iter().map(move |p| (k, p))) {
                 let cfg = TrainConfig {
                     passes,

@@ -24,5 +24,5 @@ pub use analytic::{
 pub use elbo::{bernoulli_log_lik, gaussian_kl, ElboTerms, Noise, VariationalParams};
 pub use mlp::{Linear, Mlp, MlpTape};
 pub use params::ParamSet;
-pub use text::{DropoutMasks, LstmDecoder, LstmEncoder, TokenBatch};
+pub use text::{DropoutMasks, LstmDecoder, LstmEncoder, LstmEncoderTape, TokenBatch};
 pub use vae::{elbo, log_weights, Batch, Decoder, Encoder, ModelConfig, ModelKind, Vae};

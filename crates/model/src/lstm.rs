@@ -36,6 +36,28 @@ impl<R: Rng> ParamInit<'_, R> {
     }
 }
 
+/// One step of a taped recurrence (at constant weights): `[N, H]` each.
+#[derive(Debug, Clone)]
+pub struct LstmGates {
+    pub i: Tensor,
+    pub f: Tensor,
+    pub g: Tensor,
+    pub o: Tensor,
+    /// c_{t−1}.
+    pub c_prev: Tensor,
+    /// tanh(c_t).
+    pub tc: Tensor,
+}
+
+/// What [`Lstm::run_taped`] keeps for [`Lstm::backward_taped`].
+#[derive(Debug, Clone)]
+pub struct LstmTape {
+    /// h_0: `[N, H]`.
+    pub h0: Tensor,
+    /// Steps 1 … T.
+    pub gates: Vec<LstmGates>,
+}
+
 /// LSTM weights: `weight_ih: [4H, I]`, `weight_hh: [4H, H]`, `bias: [4H]` (one bias; the
 /// sum of PyTorch's two).
 #[derive(Debug, Clone)]
@@ -102,6 +124,82 @@ impl Lstm {
             hs.push(h.clone());
         }
         Tensor::stack(&hs, 1)
+    }
+
+    /// [`Lstm::run`] with its weights as constants, keeping what the hand backward needs:
+    /// every hidden state `[N, T, H]` and each step's [`LstmGates`]. The gates go through
+    /// the fused sigmoid kernel (no autograd graph is built).
+    pub fn run_taped(&self, gx: &Tensor, h0: &Tensor, c0: &Tensor) -> Result<(Tensor, LstmTape)> {
+        let (_, t, _) = gx.dims3()?;
+        let h = self.hidden_size();
+        let w_hh_t = self.weight_hh.t()?.contiguous()?;
+        let mut hc = (h0.clone(), c0.clone());
+        let mut gates = Vec::with_capacity(t);
+        let mut hs = Vec::with_capacity(t);
+        for step in 0..t {
+            let (hp, cp) = hc;
+            let gamma = (gx.narrow(1, step, 1)?.squeeze(1)? + hp.matmul(&w_hh_t)?)?;
+            let sg = crate::activation::sigmoid(&gamma)?;
+            let i = sg.narrow(1, 0, h)?;
+            let f = sg.narrow(1, h, h)?;
+            let o = sg.narrow(1, 3 * h, h)?;
+            let g = gamma.narrow(1, 2 * h, h)?.tanh()?;
+            let c = ((&f * &cp)? + (&i * &g)?)?;
+            let tc = c.tanh()?;
+            let hn = (&o * &tc)?;
+            hs.push(hn.clone());
+            gates.push(LstmGates {
+                i,
+                f,
+                g,
+                o,
+                c_prev: cp,
+                tc,
+            });
+            hc = (hn, c);
+        }
+        let hs = Tensor::stack(&hs, 1)?;
+        Ok((
+            hs,
+            LstmTape {
+                h0: h0.clone(),
+                gates,
+            },
+        ))
+    }
+
+    /// Backpropagation through time of a taped run with constant weights: from the
+    /// gradients `gh_out: [N, T, H]` of a loss in the hidden states h_1 … h_T (what
+    /// reaches each h_t from outside the recurrence), ∂γ_t for every step `[N, T, 4H]`
+    /// and ∂h_0 `[N, H]`:
+    ///   ∂h_t = gh_out_t + ∂γ_{t+1} W_hh,   ∂c_t = ∂c_{t+1} ⊙ f_{t+1} + ∂h_t ⊙ o (1 − tanh² c_t),
+    ///   ∂γ_t = (∂c g ⊙ σ'_i, ∂c c_{t−1} ⊙ σ'_f, ∂c i ⊙ tanh'_g, ∂h tanh c_t ⊙ σ'_o).
+    pub fn backward_taped(&self, tape: &LstmTape, gh_out: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut gh_next = tape.h0.zeros_like()?;
+        let mut gc_next = tape.h0.zeros_like()?;
+        let t = tape.gates.len();
+        let mut dgammas = Vec::with_capacity(t);
+        for step in (0..t).rev() {
+            let cell = &tape.gates[step];
+            let gh = (gh_out.narrow(1, step, 1)?.squeeze(1)? + &gh_next)?;
+            let dtc = (1.0 - cell.tc.sqr()?)?;
+            let gc = (&gc_next + (&gh * (&cell.o * &dtc)?)?)?;
+            let sig = |x: &Tensor| -> candle_core::Result<Tensor> { x * (1.0 - x)? };
+            let dgamma = Tensor::cat(
+                &[
+                    ((&gc * &cell.g)? * sig(&cell.i)?)?,
+                    ((&gc * &cell.c_prev)? * sig(&cell.f)?)?,
+                    ((&gc * &cell.i)? * (1.0 - cell.g.sqr()?)?)?,
+                    ((&gh * &cell.tc)? * sig(&cell.o)?)?,
+                ],
+                1,
+            )?;
+            gc_next = (&gc * &cell.f)?;
+            gh_next = dgamma.matmul(&self.weight_hh)?;
+            dgammas.push(dgamma);
+        }
+        dgammas.reverse();
+        Ok((Tensor::stack(&dgammas, 1)?, gh_next))
     }
 
     pub fn detached(&self) -> Lstm {

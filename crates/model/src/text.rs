@@ -8,7 +8,7 @@
 //! The language-model baseline (`lm`) is the same decoder without z (`h0 = 0`).
 //! Sentences of a batch have equal length, so nothing is padded or masked.
 
-use crate::lstm::{Lstm, ParamInit};
+use crate::lstm::{Lstm, LstmTape, ParamInit};
 use crate::Linear;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
@@ -98,6 +98,84 @@ impl LstmEncoder {
         let zeros = Tensor::zeros((b, h), gx.dtype(), gx.device())?;
         let hs = self.lstm.run(&gx, &zeros, &zeros)?;
         self.out.forward(&hs.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+}
+
+/// What [`LstmEncoder::forward_taped`] keeps for [`LstmEncoder::backward`].
+#[derive(Debug, Clone)]
+pub struct LstmEncoderTape {
+    /// The words read, `[B·T]`, and their embeddings `[B·T, E]`.
+    words: Tensor,
+    emb: Tensor,
+    lstm: LstmTape,
+    /// h_0 … h_{T−1}, the state each step reads: `[B·T, H]`; h_T: `[B, H]`.
+    h_prev: Tensor,
+    h_last: Tensor,
+}
+
+impl LstmEncoder {
+    /// [`LstmEncoder::forward`] with the weights as constants, taped for the hand
+    /// [`LstmEncoder::backward`].
+    pub fn forward_taped(&self, x: &TokenBatch) -> Result<(Tensor, LstmEncoderTape)> {
+        let (b, t) = x.targets.dims2()?;
+        let (e, h) = (self.embed.dim(1)?, self.lstm.hidden_size());
+        let words = x.targets.flatten_all()?;
+        let emb = self.embed.index_select(&words, 0)?;
+        let gx = self.lstm.project_inputs(&emb.reshape((b, t, e))?, e)?;
+        let zeros = Tensor::zeros((b, h), gx.dtype(), gx.device())?;
+        let (hs, lstm) = self.lstm.run_taped(&gx, &zeros, &zeros)?;
+        let h_last = hs.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let lambda0 = self.out.forward(&h_last)?;
+        let h_prev = Tensor::cat(&[&zeros.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?
+            .reshape((b * t, h))?;
+        Ok((
+            lambda0,
+            LstmEncoderTape {
+                words,
+                emb,
+                lstm,
+                h_prev,
+                h_last,
+            },
+        ))
+    }
+
+    /// The parameter gradients of Σ (upstream ⊙ λ0) for `upstream: [B, 2d]`, in
+    /// `encoder.*` order (embed, lstm.weight_ih, lstm.weight_hh, lstm.bias, out.weight,
+    /// out.bias), by hand: ∂h_T = upstream W_out, BPTT to ∂γ_t ([`Lstm::backward_taped`]),
+    /// ∂/∂W_ih = Σ_t ∂γ_tᵀ e_t, ∂/∂W_hh = Σ_t ∂γ_tᵀ h_{t−1}, ∂/∂b = Σ ∂γ_t, and the
+    /// embedding table's row of each word read gets ∂γ_t W_ih.
+    pub fn backward(&self, tape: &LstmEncoderTape, upstream: &Tensor) -> Result<Vec<Tensor>> {
+        let (b, h) = tape.h_last.dims2()?;
+        let t = tape.lstm.gates.len();
+        let w_out = upstream.t()?.matmul(&tape.h_last)?;
+        let b_out = upstream.sum(0)?;
+        let gh_last = upstream.matmul(&self.out.weight)?.unsqueeze(1)?;
+        let gh_out = if t > 1 {
+            let zeros = Tensor::zeros((b, t - 1, h), gh_last.dtype(), gh_last.device())?;
+            Tensor::cat(&[&zeros, &gh_last], 1)?
+        } else {
+            gh_last
+        };
+        let (dgamma, _) = self.lstm.backward_taped(&tape.lstm, &gh_out)?;
+        let dg = dgamma.reshape((b * t, 4 * h))?;
+        let w_ih = dg.t()?.matmul(&tape.emb)?;
+        let w_hh = dg.t()?.matmul(&tape.h_prev)?;
+        let bias = dg.sum(0)?;
+        let g_emb = dg.matmul(&self.lstm.weight_ih)?;
+        let embed = self.embed.zeros_like()?.index_add(&tape.words, &g_emb, 0)?;
+        Ok(vec![embed, w_ih, w_hh, bias, w_out, b_out])
+    }
+
+    pub fn detached(&self) -> LstmEncoder {
+        LstmEncoder {
+            embed: self.embed.detach(),
+            lstm: self.lstm.detached(),
+            out: Linear {
+                weight: self.out.weight.detach(),
+                bias: self.out.bias.detach(),
+            },
+        }
     }
 }
 
@@ -214,6 +292,69 @@ impl LstmDecoder {
             &self.out.forward(&last)?,
             D::Minus1,
         )?)
+    }
+
+    /// The language model's log p(x) per sentence `[B]` and the gradients of
+    /// Σ_b log p(x_b) for its parameters in `decoder.*` order (embed, lstm.weight_ih,
+    /// lstm.weight_hh, lstm.bias, out.weight, out.bias), by hand at constant weights:
+    /// one taped forward, δℓ = onehot(y) − softmax(ℓ), ∂(h ⊙ m) = δℓ W_o, BPTT to ∂γ_t
+    /// ([`Lstm::backward_taped`]), then ∂/∂W_o = δℓᵀ (h ⊙ m), ∂/∂W_ih = Σ ∂γ_tᵀ e_t,
+    /// ∂/∂W_hh = Σ ∂γ_tᵀ h_{t−1}, ∂/∂b = Σ ∂γ_t, and each input word's embedding row gets
+    /// (∂γ_t W_ih) ⊙ mask. The weights must be detached (no graph is wanted).
+    pub fn lm_log_lik_and_grads(&self, x: &TokenBatch) -> Result<(Tensor, Vec<Tensor>)> {
+        if self.init.is_some() {
+            bail!("this decoder takes z: it is not a language model");
+        }
+        let (b, t) = x.inputs.dims2()?;
+        let (e, h) = (self.embed.dim(1)?, self.lstm.hidden_size());
+        let inputs = x.inputs.flatten_all()?;
+        let mut emb = self.embed.index_select(&inputs, 0)?; // [B·T, E]
+        let embed_mask = match &x.dropout {
+            Some(m) => Some(m.embed.reshape((b * t, e))?),
+            None => None,
+        };
+        if let Some(m) = &embed_mask {
+            emb = emb.mul(m)?;
+        }
+        let gx = self.lstm.project_inputs(&emb.reshape((b, t, e))?, e)?;
+        let zeros = Tensor::zeros((b, h), gx.dtype(), gx.device())?;
+        let (hs, tape) = self.lstm.run_taped(&gx, &zeros, &zeros)?;
+        let out_masked = |t3: Tensor| -> Result<Tensor> {
+            Ok(match &x.dropout {
+                Some(m) => t3.mul(&m.output)?,
+                None => t3,
+            })
+        };
+        let hd = out_masked(hs.clone())?.reshape((b * t, h))?;
+        let logits = self.out.forward(&hd)?;
+        let targets = x.targets.flatten_all()?;
+        let (p, logp) = crate::kernels::softmax_and_log_prob(&logits, &targets)?;
+        let log_lik = logp.reshape((b, t))?.sum(1)?;
+        let w_o = &self.out.weight;
+        let ghd = (w_o.index_select(&targets, 0)? - p.matmul(w_o)?)?;
+        let gh_out = out_masked(ghd.reshape((b, t, h))?)?;
+        let (dgamma, _) = self.lstm.backward_taped(&tape, &gh_out)?;
+        let dg = dgamma.reshape((b * t, 4 * h))?;
+        let mut g_emb = dg.matmul(&self.lstm.weight_ih)?;
+        if let Some(m) = &embed_mask {
+            g_emb = g_emb.mul(m)?;
+        }
+        let embed = self.embed.zeros_like()?.index_add(&inputs, &g_emb, 0)?;
+        let w_ih = dg.t()?.matmul(&emb)?;
+        let h_prev = Tensor::cat(&[&zeros.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?
+            .reshape((b * t, h))?;
+        let w_hh = dg.t()?.matmul(&h_prev)?;
+        let bias = dg.sum(0)?;
+        // ∂/∂W_o = onehot(y)ᵀ hd − pᵀ hd; ∂/∂b_o = counts of y − Σ p.
+        let at_targets = |rows: &Tensor| -> Result<Tensor> {
+            let mut dims = rows.dims().to_vec();
+            dims[0] = w_o.dim(0)?;
+            Ok(Tensor::zeros(dims, rows.dtype(), rows.device())?.index_add(&targets, rows, 0)?)
+        };
+        let w_out = (at_targets(&hd)? - p.t()?.matmul(&hd)?)?;
+        let ones = Tensor::ones(b * t, p.dtype(), p.device())?;
+        let b_out = (at_targets(&ones)? - p.sum(0)?)?;
+        Ok((log_lik, vec![embed, w_ih, w_hh, bias, w_out, b_out]))
     }
 
     pub fn detached(&self) -> LstmDecoder {

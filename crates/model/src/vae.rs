@@ -151,6 +151,13 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Examples `start .. start + len` (sentences with their dropout masks).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Batch> {
+        Ok(match self {
+            Batch::Images(x) => Batch::Images(x.narrow(0, start, len)?),
+            Batch::Text(t) => Batch::Text(t.rows(start, len)?),
+        })
+    }
     /// The images, or an error for text.
     pub fn images(&self) -> Result<&Tensor> {
         match self {

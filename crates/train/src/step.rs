@@ -14,8 +14,8 @@ use savae_implicit::{
 };
 use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
 use savae_model::{
-    elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, Mlp, MlpElbo, MlpTape, Noise,
-    Passes, Vae, VariationalParams,
+    elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, LstmEncoder, LstmEncoderTape,
+    Mlp, MlpElbo, MlpTape, Noise, Passes, Vae, VariationalParams,
 };
 use serde::Serialize;
 
@@ -224,24 +224,34 @@ impl<P: std::borrow::Borrow<ElboPoint>> BatchedOperator for PointHvp<P> {
     }
 }
 
+/// Whether hand-derived passes serve `decoder` on `x` when `passes` asks for them (the
+/// MLP decoder on images, the LSTM decoder with a latent on text).
+fn has_analytic_passes(passes: Passes, decoder: &Decoder, x: &Batch) -> bool {
+    passes == Passes::Analytic
+        && match (decoder, x) {
+            (Decoder::Mlp(_), Batch::Images(_)) => true,
+            (Decoder::Lstm(d), Batch::Text(_)) => d.init.is_some(),
+            _ => false,
+        }
+}
+
 impl<'a> InnerElbo<'a> {
     /// The analytic passes, when `passes` asks for them and the decoder has them.
     fn analytic(&self) -> Option<DecoderElbo<'a>> {
+        if !has_analytic_passes(self.passes, self.decoder, self.x) {
+            return None;
+        }
         let (eps, beta) = (self.eps, self.beta);
-        match (self.passes, self.decoder, self.x) {
-            (Passes::Analytic, Decoder::Mlp(mlp), Batch::Images(x)) => {
+        match (self.decoder, self.x) {
+            (Decoder::Mlp(mlp), Batch::Images(x)) => {
                 Some(DecoderElbo::Mlp(MlpElbo { mlp, x, eps, beta }))
             }
-            (Passes::Analytic, Decoder::Lstm(decoder), Batch::Text(x))
-                if decoder.init.is_some() =>
-            {
-                Some(DecoderElbo::Lstm(LstmElbo {
-                    decoder,
-                    x,
-                    eps,
-                    beta,
-                }))
-            }
+            (Decoder::Lstm(decoder), Batch::Text(x)) => Some(DecoderElbo::Lstm(LstmElbo {
+                decoder,
+                x,
+                eps,
+                beta,
+            })),
             _ => None,
         }
     }
@@ -410,26 +420,23 @@ pub fn train_step_outer(
 ) -> Result<StepOutput> {
     let outer = outer_eps.unwrap_or(eps);
     let beta = cfg.beta;
-    let mlps = analytic_mlps(model, x, cfg.passes);
+    let dec_det = model.decoder.detached();
+    let hand = HandEncoder::of(model, x, cfg.passes);
     // λ0 = enc(x). The vae and savae steps on the analytic passes tape the encoder's
     // forward for its hand backward; the other modes train the encoder by autograd.
     let taped = matches!(cfg.mode, Mode::Vae | Mode::Savae { .. });
-    let (lambda0, tape) = match &mlps {
-        Some(
-            m @ AnalyticMlps {
-                encoder: Some(enc), ..
-            },
-        ) if taped => {
+    let (lambda0, tape) = match &hand {
+        Some(enc) if taped => {
             if cfg.mode == Mode::Vae {
-                return vae_step_analytic(model, m, enc, eps, beta);
+                return vae_step_analytic(model, enc, &dec_det, x, eps, beta);
             }
-            let (l, t) = enc.forward_taped(m.x)?;
+            let (l, t) = enc.forward_taped(x)?;
             (VariationalParams(l), Some(t))
         }
         _ => (model.encode(x)?, None),
     };
-    let dec_det = model.decoder.detached();
     match cfg.mode {
+        Mode::Lm if cfg.passes == Passes::Analytic => lm_step_analytic(model, &dec_det, x),
         Mode::Lm | Mode::Vae => {
             // L = −(1/B) Σ ELBO_β(λ0), or −(1/B) Σ log p(x_b) for the language model.
             let (objective, kl) = if cfg.mode == Mode::Lm {
@@ -502,7 +509,7 @@ pub fn train_step_outer(
                 lambda0: &lambda0,
                 dec_det: &dec_det,
                 passes: cfg.passes,
-                mlps: mlps.as_ref(),
+                hand: hand.as_ref(),
                 tape: tape.as_ref(),
             };
             savae_step(&inputs, &cfg.svi, gradient, encoder_loss)
@@ -510,32 +517,55 @@ pub fn train_step_outer(
     }
 }
 
-/// The MLPs of an image model (detached: the analytic passes form every gradient
-/// themselves, and no autograd graph may hang on their results) and its batch.
-struct AnalyticMlps<'a> {
-    encoder: Option<Mlp>,
-    decoder: Mlp,
-    /// `x: [B, P]`.
-    x: &'a Tensor,
+/// The encoder with its weights detached, when the whole step runs on the analytic
+/// passes (they are asked for and the decoder has them): its forward is taped and its
+/// gradient formed by hand, so no autograd graph hangs on λ0.
+enum HandEncoder {
+    Mlp(Mlp),
+    Lstm(LstmEncoder),
 }
 
-/// The networks for the analytic passes, when `passes` asks for them and the model is an
-/// MLP on images.
-fn analytic_mlps<'a>(model: &'a Vae, x: &'a Batch, passes: Passes) -> Option<AnalyticMlps<'a>> {
-    let (Passes::Analytic, Decoder::Mlp(decoder), Batch::Images(x)) = (passes, &model.decoder, x)
-    else {
-        return None;
-    };
-    let encoder = match &model.encoder {
-        Some(Encoder::Mlp(e)) => Some(e.detached()),
-        Some(_) => return None,
-        None => None,
-    };
-    Some(AnalyticMlps {
-        encoder,
-        decoder: decoder.detached(),
-        x,
-    })
+/// What [`HandEncoder::forward_taped`] keeps.
+enum EncoderTape {
+    Mlp(MlpTape),
+    Lstm(LstmEncoderTape),
+}
+
+impl HandEncoder {
+    fn of(model: &Vae, x: &Batch, passes: Passes) -> Option<Self> {
+        if !has_analytic_passes(passes, &model.decoder, x) {
+            return None;
+        }
+        match (&model.encoder, x) {
+            (Some(Encoder::Mlp(e)), Batch::Images(_)) => Some(Self::Mlp(e.detached())),
+            (Some(Encoder::Lstm(e)), Batch::Text(_)) => Some(Self::Lstm(e.detached())),
+            _ => None,
+        }
+    }
+
+    /// λ0 = enc(x): `[B, 2d]`, and the tape of its forward.
+    fn forward_taped(&self, x: &Batch) -> Result<(Tensor, EncoderTape)> {
+        match (self, x) {
+            (Self::Mlp(e), Batch::Images(x)) => {
+                let (l, t) = e.forward_taped(x)?;
+                Ok((l, EncoderTape::Mlp(t)))
+            }
+            (Self::Lstm(e), Batch::Text(x)) => {
+                let (l, t) = e.forward_taped(x)?;
+                Ok((l, EncoderTape::Lstm(t)))
+            }
+            _ => anyhow::bail!("the batch does not match the encoder (images vs text)"),
+        }
+    }
+
+    /// The encoder's parameter gradients of Σ (upstream ⊙ λ0), in `encoder.*` order.
+    fn backward(&self, tape: &EncoderTape, upstream: &Tensor) -> Result<Vec<Tensor>> {
+        match (self, tape) {
+            (Self::Mlp(e), EncoderTape::Mlp(t)) => e.backward(t, upstream),
+            (Self::Lstm(e), EncoderTape::Lstm(t)) => e.backward(t, upstream),
+            _ => anyhow::bail!("the tape is not this encoder's"),
+        }
+    }
 }
 
 /// Zero gradients for every parameter of `model`, in order.
@@ -573,28 +603,31 @@ fn analytic_loss(
 /// the blocks' gradients are added in block order.
 fn vae_step_analytic(
     model: &Vae,
-    m: &AnalyticMlps,
-    enc: &Mlp,
+    enc: &HandEncoder,
+    dec_det: &Decoder,
+    x: &Batch,
     eps: &Noise,
     beta: f64,
 ) -> Result<StepOutput> {
     use savae_model::analytic::{per_block, row_blocks};
-    let b = m.x.dim(0)?;
+    let whole = InnerElbo {
+        decoder: dec_det,
+        x,
+        eps,
+        beta,
+        passes: Passes::Analytic,
+    }
+    .analytic()
+    .ok_or_else(|| anyhow::anyhow!("the decoder has no analytic passes"))?;
+    let b = x.len();
     let scale = -1.0 / b as f64;
-    let blocks = row_blocks(b, m.x.device());
+    let blocks = row_blocks(b, eps.0.device());
     let parts = per_block(&blocks, |start, len| {
-        let x = m.x.narrow(0, start, len)?;
-        let (lambda0, tape) = enc.forward_taped(&x)?;
-        let whole = MlpElbo {
-            mlp: &m.decoder,
-            x: m.x,
-            eps,
-            beta,
-        };
+        let (lambda0, tape) = enc.forward_taped(&x.rows(start, len)?)?;
         let pt = whole.rows_at(start, len, &lambda0, true)?;
         let dec = scaled(pt.weight_grads()?, scale)?;
-        let enc_grads = enc.backward(&tape, &(&pt.grad * scale)?)?;
-        Ok((pt.values, lambda0, dec, enc_grads))
+        let enc_grads = enc.backward(&tape, &(pt.grad() * scale)?)?;
+        Ok((pt.values().clone(), lambda0, dec, enc_grads))
     })?;
     let mut grads = zero_grads(model)?;
     let (mut values, mut lambda0) = (Vec::new(), Vec::new());
@@ -619,6 +652,40 @@ fn vae_step_analytic(
     })
 }
 
+/// The language model's step on the hand-derived passes: L = −(1/B) Σ_b log p(x_b) and
+/// its gradient ([`savae_model::LstmDecoder::lm_log_lik_and_grads`]), per row block like
+/// [`vae_step_analytic`].
+fn lm_step_analytic(model: &Vae, dec_det: &Decoder, x: &Batch) -> Result<StepOutput> {
+    use savae_model::analytic::{per_block, row_blocks};
+    let (Decoder::Lstm(dec), Batch::Text(text)) = (dec_det, x) else {
+        anyhow::bail!("the language model reads text");
+    };
+    let b = x.len();
+    let blocks = row_blocks(b, text.targets.device());
+    let parts = per_block(&blocks, |start, len| {
+        dec.lm_log_lik_and_grads(&text.rows(start, len)?)
+    })?;
+    let mut grads = zero_grads(model)?;
+    let mut values = Vec::new();
+    for (v, g) in parts {
+        add_into(&mut grads, model, "decoder.", scaled(g, -1.0 / b as f64)?)?;
+        values.push(v);
+    }
+    let e = mean(&Tensor::cat(&values, 0)?)?;
+    let lambda0 = model.encode(x)?;
+    Ok(StepOutput {
+        grads,
+        loss: -e,
+        elbo_amortized: e,
+        elbo_refined: None,
+        kl: 0.0,
+        svi: None,
+        cg: None,
+        lambda_refined: None,
+        lambda0: lambda0.0.detach(),
+    })
+}
+
 /// What an SA-VAE step shares between its parts.
 struct SavaeInputs<'a> {
     model: &'a Vae,
@@ -632,10 +699,10 @@ struct SavaeInputs<'a> {
     /// The decoder with its parameters detached.
     dec_det: &'a Decoder,
     passes: Passes,
-    /// The networks, when the analytic passes apply (MLPs on images).
-    mlps: Option<&'a AnalyticMlps<'a>>,
+    /// The encoder with its hand backward, when the analytic passes apply.
+    hand: Option<&'a HandEncoder>,
     /// The encoder's taped forward (analytic passes with an encoder).
-    tape: Option<&'a MlpTape>,
+    tape: Option<&'a EncoderTape>,
 }
 
 impl<'a> SavaeInputs<'a> {
@@ -842,20 +909,18 @@ fn implicit_gradient(
 /// its own ELBO at λ0 with the decoder detached (`--encoder-loss amortized`, or γ = 0,
 /// where no gradient reaches the encoder through the optimum).
 fn encoder_gradient(s: &SavaeInputs, lambda0_grad: Option<&Tensor>) -> Result<Vec<Tensor>> {
-    if let (Some(m), Some(tape)) = (s.mlps, s.tape) {
-        if let Some(enc) = &m.encoder {
-            // By hand: the encoder's backward of ∂L/∂λ0, or of its own loss
-            // −(1/B) Σ ELBO(λ0) with the decoder constant.
-            let upstream = match lambda0_grad {
-                Some(l0) => l0.detach(),
-                None => {
-                    let b = m.x.dim(0)? as f64;
-                    let own = s.inner().value_and_grad(&s.lambda0.0)?.1;
-                    (own * (-1.0 / b))?
-                }
-            };
-            return enc.backward(tape, &upstream);
-        }
+    if let (Some(enc), Some(tape)) = (s.hand, s.tape) {
+        // By hand: the encoder's backward of ∂L/∂λ0, or of its own loss
+        // −(1/B) Σ ELBO(λ0) with the decoder constant.
+        let upstream = match lambda0_grad {
+            Some(l0) => l0.detach(),
+            None => {
+                let b = s.x.len() as f64;
+                let own = s.inner().value_and_grad(&s.lambda0.0)?.1;
+                (own * (-1.0 / b))?
+            }
+        };
+        return enc.backward(tape, &upstream);
     }
     let enc_loss = match lambda0_grad {
         // ∂L/∂φ = (∂L/∂λ0)ᵀ ∂λ0/∂φ.

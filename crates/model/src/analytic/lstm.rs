@@ -90,17 +90,6 @@ impl Weights {
     }
 }
 
-/// One step of the recurrence at λ, `[N, H]` each.
-struct Cell {
-    i: Tensor,
-    f: Tensor,
-    g: Tensor,
-    o: Tensor,
-    c_prev: Tensor,
-    /// tanh(c_t).
-    tc: Tensor,
-}
-
 /// What a step's tangent passes reuse: the forward's gates and the reverse's ∂h_t, ∂c_t,
 /// folded into the coefficients of the tangent equations. `[N, H]` each.
 struct CellCurvature {
@@ -270,33 +259,9 @@ impl<'a> LstmElbo<'a> {
         let zw = z.matmul(&w.w_z_t)?.reshape((s, b, 1, 4 * h))?;
         let gx = xe.broadcast_add(&zw)?.reshape((n, t, 4 * h))?;
         let h0 = init.forward(&z)?;
-        let mut hc = (h0.clone(), h0.zeros_like()?);
-        let mut cells = Vec::with_capacity(t);
-        let mut hs = Vec::with_capacity(t);
-        for step in 0..t {
-            let (hp, cp) = hc;
-            let gamma = (gx.narrow(1, step, 1)?.squeeze(1)? + hp.matmul(&w.w_hh_t)?)?;
-            let sg = crate::activation::sigmoid(&gamma)?;
-            let i = sg.narrow(1, 0, h)?;
-            let f = sg.narrow(1, h, h)?;
-            let o = sg.narrow(1, 3 * h, h)?;
-            let g = gamma.narrow(1, 2 * h, h)?.tanh()?;
-            let c = ((&f * &cp)? + (&i * &g)?)?;
-            let tc = c.tanh()?;
-            let hn = (&o * &tc)?;
-            hs.push(hn.clone());
-            cells.push(Cell {
-                i,
-                f,
-                g,
-                o,
-                c_prev: cp,
-                tc,
-            });
-            hc = (hn, c);
-        }
+        let (hs, tape) = dec.lstm.run_taped(&gx, &h0, &h0.zeros_like()?)?; // [N, T, H]
+        let cells = tape.gates;
         let dims = (s, b, t, h);
-        let hs = Tensor::stack(&hs, 1)?; // [N, T, H]
         let hd = masked(&hs, out_mask.as_ref(), dims)?;
         let logits = dec.out.forward(&hd)?; // [N·T, V]
         let targets = self

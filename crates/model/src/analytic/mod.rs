@@ -23,7 +23,7 @@ use candle_core::Tensor;
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Passes {
-    /// Hand-derived passes (the MLP and the LSTM decoder with a latent).
+    /// Hand-derived passes (the MLP and LSTM models, the language model included).
     Analytic,
     /// candle's autograd (double backward for Hessian-vector products): the reference.
     Autograd,
@@ -108,11 +108,7 @@ impl DecoderElbo<'_> {
         let b = lambda.dim(0)?;
         let blocks = row_blocks(b, lambda.device());
         let parts = per_block(&blocks, |start, len| {
-            let lambda = lambda.narrow(0, start, len)?;
-            Ok(match self {
-                Self::Mlp(m) => PartPoint::Mlp(m.rows_at(start, len, &lambda, for_hessian)?),
-                Self::Lstm(l) => PartPoint::Lstm(l.rows_at(start, len, &lambda, for_hessian)?),
-            })
+            self.part_at(start, len, &lambda.narrow(0, start, len)?, for_hessian)
         })?;
         let values = cat_rows(parts.iter().map(|p| p.values()))?;
         let grad = cat_rows(parts.iter().map(|p| p.grad()))?;
@@ -124,6 +120,38 @@ impl DecoderElbo<'_> {
                 .zip(parts)
                 .map(|((start, len), p)| (start, len, p))
                 .collect(),
+        })
+    }
+}
+
+impl DecoderElbo<'_> {
+    fn part_at(
+        &self,
+        start: usize,
+        len: usize,
+        lambda: &Tensor,
+        for_hessian: bool,
+    ) -> Result<PartPoint> {
+        Ok(match self {
+            Self::Mlp(m) => PartPoint::Mlp(m.rows_at(start, len, lambda, for_hessian)?),
+            Self::Lstm(l) => PartPoint::Lstm(l.rows_at(start, len, lambda, for_hessian)?),
+        })
+    }
+
+    /// [`DecoderElbo::at`] for the examples `start .. start + len` alone, as one block
+    /// (`lambda` holds their rows): for callers that run their own row blocks.
+    pub fn rows_at(
+        &self,
+        start: usize,
+        len: usize,
+        lambda: &Tensor,
+        for_hessian: bool,
+    ) -> Result<ElboPoint> {
+        let part = self.part_at(start, len, lambda, for_hessian)?;
+        Ok(ElboPoint {
+            values: part.values().clone(),
+            grad: part.grad().clone(),
+            parts: vec![(0, len, part)],
         })
     }
 }
