@@ -218,6 +218,7 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
         (vec!["train", "--activation", "swish"], "activation"),
         (vec!["train", "--device", "tpu"], "--device"),
         (vec!["train", "--encoder-loss", "both"], "--encoder-loss"),
+        (vec!["train", "--patience", "0"], "--patience"),
         (
             vec!["eval", "--checkpoint", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",
@@ -594,4 +595,46 @@ fn bench_reports_time_and_the_heap_each_step_needs() {
         implicit > 0.0 && unrolled > 2.0 * implicit,
         "{unrolled} vs {implicit}"
     );
+}
+
+/// `--patience N` ends a run once the validation ELBO has not improved for N epochs: with
+/// a learning rate too small to change the weights, the validation ELBO only moves with
+/// its draws, so the run stops N epochs after its best; a resume keeps the decision.
+#[test]
+fn patience_stops_a_run_that_no_longer_improves() {
+    let dir = tmpdir("patience");
+    let out = train(
+        &dir,
+        &[
+            "--model",
+            "vae",
+            "--epochs",
+            "12",
+            "--patience",
+            "1",
+            "--lr",
+            "1e-30",
+        ],
+    );
+    let s: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let done = s["epochs_done"].as_u64().unwrap();
+    let best = s["best_epoch"].as_u64().unwrap();
+    assert_eq!(s["early_stopped"], true, "{s}");
+    assert_eq!(done, best + 1, "{s}");
+    assert!(done < 12, "{s}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let valid: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "epoch")
+        .map(|v| v["valid_elbo_amortized"].as_f64().unwrap())
+        .collect();
+    assert_eq!(valid.len() as u64, done);
+    let top = valid.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(valid[best as usize - 1], top, "{valid:?}");
+    assert!(valid[done as usize - 1] <= top);
+    let again: serde_json::Value =
+        serde_json::from_str(resume(&dir, 20).lines().last().unwrap()).unwrap();
+    assert_eq!(again["epochs_done"].as_u64().unwrap(), done, "{again}");
+    assert_eq!(again["early_stopped"], true);
 }

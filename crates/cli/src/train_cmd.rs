@@ -120,6 +120,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if s.interrupted {
         std::process::exit(130);
     }
+    if let (true, Some(best), Some(p)) = (s.early_stopped, s.best_epoch, trainer.config().patience)
+    {
+        eprintln!(
+            "savae: stopped early after epoch {}: the validation ELBO has not improved for {p} \
+             epochs (best at epoch {best})",
+            s.epochs_done
+        );
+    }
     let prog = crate::flags::program();
     let cost = if trainer.config().is_text() {
         "the whole test split with 500 importance samples takes about half an hour on 2 CPU \

@@ -48,6 +48,10 @@ pub struct CheckpointMeta {
     pub config: TrainConfig,
     pub valid_elbo: Option<f64>,
     pub best_valid_elbo: Option<f64>,
+    /// The epoch (1-based count) at which `best_valid_elbo` was reached; absent in
+    /// checkpoints written before early stopping (then taken as the saved epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_epoch: Option<usize>,
     /// Σ loss·examples and examples of the batches done in an interrupted epoch.
     #[serde(default)]
     pub epoch_loss_sum: f64,

@@ -85,6 +85,10 @@ settings! {
     grad: one GradientKind = GradientKind::Implicit;
     /// Total number of epochs (a resumed run trains until this many are done).
     epochs: one usize = 20;
+    /// Early stopping: end the run once the validation ELBO has not improved for this
+    /// many epochs (best.safetensors keeps the best).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    patience: opt usize = None, unset "off";
     /// Examples per training batch.
     batch_size: one usize = 100;
     /// Adam learning rate of the model.
@@ -322,6 +326,11 @@ impl TrainConfig {
             )?;
         }
         require(self.epochs > 0, "epochs", "must be at least 1")?;
+        require(
+            self.patience != Some(0),
+            "patience",
+            "must be at least 1 (leave it unset for no early stop)",
+        )?;
         require(
             self.batch_size > 0,
             "batch_size",

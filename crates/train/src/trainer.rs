@@ -67,7 +67,13 @@ impl std::error::Error for RunFolderTaken {}
 /// The settings a resumed run may change; any other difference is refused.
 /// `passes` changes only the arithmetic of the same derivatives: a resume that changes
 /// it continues the run, though not bit-identically.
-pub const RESUMABLE_CHANGES: &[&str] = &["epochs", "log_every", "valid_examples", "passes"];
+pub const RESUMABLE_CHANGES: &[&str] = &[
+    "epochs",
+    "patience",
+    "log_every",
+    "valid_examples",
+    "passes",
+];
 
 /// Σ loss · examples, examples and the numerical-fault counters of the current epoch.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -117,6 +123,8 @@ pub struct TrainState {
     pub step: u64,
     pub last_valid_elbo: Option<f64>,
     pub best_valid_elbo: Option<f64>,
+    /// Epochs completed when `best_valid_elbo` was reached.
+    pub best_epoch: Option<usize>,
     /// Batches skipped for a non-finite loss or gradient, over the whole run.
     pub skipped_batches: usize,
     /// The interrupted epoch's loss sum and examples (the fault counters restart).
@@ -132,6 +140,7 @@ impl TrainState {
             step: meta.step,
             last_valid_elbo: meta.valid_elbo,
             best_valid_elbo: meta.best_valid_elbo,
+            best_epoch: meta.best_epoch.or(meta.best_valid_elbo.map(|_| meta.epoch)),
             skipped_batches: meta.skipped_batches,
             epoch_stats: EpochStats {
                 loss_sum: meta.epoch_loss_sum,
@@ -165,6 +174,7 @@ impl TrainState {
             config: cfg.clone(),
             valid_elbo: self.last_valid_elbo,
             best_valid_elbo: self.best_valid_elbo,
+            best_epoch: self.best_epoch,
             epoch_loss_sum: self.epoch_stats.loss_sum,
             epoch_examples: self.epoch_stats.examples,
             skipped_batches: self.skipped_batches,
@@ -260,10 +270,14 @@ pub struct TrainSummary {
     pub steps: u64,
     pub last_valid_elbo: Option<f64>,
     pub best_valid_elbo: Option<f64>,
+    /// Epochs completed when the best validation ELBO was reached.
+    pub best_epoch: Option<usize>,
     pub seconds: f64,
     pub skipped_batches: usize,
     /// Stopped on request after saving its position.
     pub interrupted: bool,
+    /// Ended early: the validation ELBO had not improved for `patience` epochs.
+    pub early_stopped: bool,
 }
 
 /// Watches a run: progress displays, metric logs, stop requests. Every method has a
@@ -600,9 +614,11 @@ impl Trainer {
             steps: self.state.step,
             last_valid_elbo: self.state.last_valid_elbo,
             best_valid_elbo: self.state.best_valid_elbo,
+            best_epoch: self.state.best_epoch,
             seconds: started.elapsed().as_secs_f64(),
             skipped_batches: self.state.skipped_batches,
             interrupted,
+            early_stopped: !interrupted && self.stalled(),
         }
     }
 
@@ -619,7 +635,7 @@ impl Trainer {
             skipped: &self.skipped,
         })?;
         let last_path = self.opts.last_path();
-        while self.state.epoch < self.cfg.epochs {
+        while self.state.epoch < self.cfg.epochs && !self.stalled() {
             if self.state.batch == 0
                 && last_path.exists()
                 && (self.state.epoch > 0 || self.resumed)
@@ -639,6 +655,15 @@ impl Trainer {
             }
         }
         Ok(self.summary(started, false))
+    }
+
+    /// Early stopping: at an epoch boundary, `patience` epochs have passed since the
+    /// best validation ELBO.
+    fn stalled(&self) -> bool {
+        match (self.cfg.patience, self.state.best_epoch) {
+            (Some(p), Some(best)) => self.state.batch == 0 && self.state.epoch >= best + p,
+            _ => false,
+        }
     }
 
     /// One epoch from the current position; false when stopped on request.
@@ -769,6 +794,7 @@ impl Trainer {
         let improved = self.state.best_valid_elbo.is_none_or(|b| vel > b);
         if improved {
             self.state.best_valid_elbo = Some(vel);
+            self.state.best_epoch = Some(self.state.epoch);
         }
         let stats = std::mem::take(&mut self.state.epoch_stats);
         let meta = self.meta();
