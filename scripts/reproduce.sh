@@ -9,6 +9,8 @@
 # finished models and resumes interrupted ones. SAVAE (default: the release binary, built
 # first) and DEVICE (default: auto) may be set in the environment; EPOCHS_MNIST and
 # EPOCHS_PTB shorten the runs for a smoke test; ONLY (a regex) restricts the models run.
+# The from-scratch rows stop early once the validation ELBO has not improved for PATIENCE
+# epochs (default 5); best.safetensors is the best epoch either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -20,6 +22,7 @@ if [ -z "${SAVAE:-}" ]; then
 fi
 em=${EPOCHS_MNIST:-100}
 ep=${EPOCHS_PTB:-30}
+patience=(--patience "${PATIENCE:-5}")
 
 # Every row is scored with the same refinement, whatever refinement it trained with: 10 SGD
 # steps on 8 fixed draws. (Newton's optimum of an 8-draw ELBO is a narrower importance
@@ -53,7 +56,7 @@ run() {
 
 if [ "$what" = mnist ] || [ "$what" = all ]; then
     EPOCHS=$em
-    common=(--dataset mnist --valid-examples 10000)
+    common=(--dataset mnist --valid-examples 10000 "${patience[@]}")
     run mnist-vae 5000 "${common[@]}" --model vae
     # Refinements hold 8 draws fixed: with 1 or 4 the refined posteriors fit their draws
     # and score worse than the amortized ones on fresh draws (README, Status).
@@ -90,7 +93,7 @@ if [ "$what" = mnist-finetune ] || [ "$what" = all ]; then
 fi
 if [ "$what" = ptb ] || [ "$what" = all ]; then
     EPOCHS=$ep
-    common=(--dataset ptb)
+    common=(--dataset ptb "${patience[@]}")
     run ptb-lm 500 "${common[@]}" --model lm
     run ptb-vae 500 "${common[@]}" --model vae
     run ptb-savae-unrolled 500 "${common[@]}" --model savae --grad unrolled --svi-steps 10
