@@ -43,11 +43,22 @@ impl Adam {
         let t = self.t as i32;
         let c1 = 1.0 / (1.0 - self.beta1.powi(t));
         let c2 = 1.0 / (1.0 - self.beta2.powi(t));
+        let scalars = savae_model::kernels::AdamScalars {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            lr_c1: self.lr * c1,
+            c2,
+            eps: self.eps,
+        };
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            let v = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let upd = ((&m * (self.lr * c1))? / ((&v * c2)?.sqrt()? + self.eps)?)?;
-            var.set(&(var.as_tensor() - upd)?)?;
+            let (theta, m, v) = savae_model::kernels::adam_update(
+                var.as_tensor(),
+                &self.m[i],
+                &self.v[i],
+                g,
+                scalars,
+            )?;
+            var.set(&theta)?;
             self.m[i] = m;
             self.v[i] = v;
         }
@@ -60,11 +71,7 @@ impl Adam {
 pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     let mut sq = 0.0;
     for g in grads.iter() {
-        sq += g
-            .to_dtype(candle_core::DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        sq += savae_model::kernels::sum_sq_f64(g)?;
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
