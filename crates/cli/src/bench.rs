@@ -52,9 +52,13 @@ pub struct BenchArgs {
     /// Text: the sentence length (words) of the timed batch.
     #[arg(long, default_value_t = 20)]
     pub sentence_len: usize,
-    /// CG iterations (run to the limit: tolerance 0).
+    /// CG iterations (the limit).
     #[arg(long, default_value_t = 20)]
     pub cg_iters: usize,
+    /// CG's relative residual tolerance ‖r_b‖ ≤ tol·‖b_b‖ (0: every solve runs to the
+    /// limit). The PyTorch reference stops its CG at max_b ‖r_b‖ < 1e-6.
+    #[arg(long, default_value_t = 0.0)]
+    pub cg_tol: f64,
     /// Timed steps per configuration (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
@@ -409,7 +413,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     batch_size: b,
                     svi_steps: k,
                     cg_iters: a.cg_iters,
-                    cg_tol: 0.0,
+                    cg_tol: a.cg_tol,
                     // Time the whole algorithm: every example solves its adjoint system.
                     stationarity_tol: f64::INFINITY,
                     hidden: hidden.clone(),
@@ -446,7 +450,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     "passes": passes.name(),
                     "k": if mode.refines() { Some(k) } else { None },
                     "cg_iters": (*m == BenchMode::SavaeImplicit).then_some(a.cg_iters),
-                    "cg_iters_mean": cg_mean,
+                    "cg_iters_mean": cg_mean, "cg_tol": a.cg_tol,
                     "median_ms": med, "min_ms": times[0], "examples_per_s": b as f64 / (med / 1e3),
                     "peak_mem_mib": peak,
                     "peak_mem_kind": if dev.is_cuda() { "device used (driver), above baseline" } else { CpuProbe::kind() },
