@@ -128,8 +128,8 @@ fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation()
 
 /// Whole steps on the analytic and on the autograd path give the same loss and
 /// gradients (f64): SA-VAE implicit (refinement and adjoint on the analytic passes) and
-/// unrolled (the recorded path), Newton refinement (its Hessians), the plain VAE and the
-/// encoder on its own ELBO (the hand backward of the encoder), every activation, for a
+/// unrolled (the recorded path), Newton refinement (its Hessians), the plain VAE, vae-svi
+/// and the encoder on its own ELBO (the hand backward of the encoder), every activation, for a
 /// batch in one piece and one in row blocks.
 #[test]
 fn training_steps_agree_on_both_paths() {
@@ -162,6 +162,7 @@ fn training_steps_agree_on_both_paths() {
             ("unrolled", common::step_cfg(common::savae_unrolled(), 60)),
             ("newton", newton),
             ("vae", common::step_cfg(Mode::Vae, 0)),
+            ("vae-svi", common::step_cfg(Mode::VaeSvi, 10)),
             ("savae amortized encoder", amortized),
         ] {
             let run = |passes| {

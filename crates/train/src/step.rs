@@ -422,11 +422,10 @@ pub fn train_step_outer(
     let beta = cfg.beta;
     let dec_det = model.decoder.detached();
     let hand = HandEncoder::of(model, x, cfg.passes);
-    // λ0 = enc(x). The vae and savae steps on the analytic passes tape the encoder's
-    // forward for its hand backward; the other modes train the encoder by autograd.
-    let taped = matches!(cfg.mode, Mode::Vae | Mode::Savae { .. });
+    // λ0 = enc(x). On the analytic passes the encoder's forward is taped for its hand
+    // backward; otherwise autograd trains the encoder.
     let (lambda0, tape) = match &hand {
-        Some(enc) if taped => {
+        Some(enc) => {
             if cfg.mode == Mode::Vae {
                 return vae_step_analytic(model, enc, &dec_det, x, eps, beta);
             }
@@ -469,14 +468,44 @@ pub fn train_step_outer(
                 passes: cfg.passes,
             };
             let r = inner.refine(&lambda0.0, &cfg.svi, false)?;
-            let refined = VariationalParams(r.lambda.clone());
-            let t = elbo(&model.decoder, x, &refined, outer, beta)?;
-            let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
             let e0 = r
                 .trace
                 .first()
                 .map(|s| s.mean_objective)
                 .unwrap_or(f64::NAN);
+            let on_outer = InnerElbo {
+                eps: outer,
+                ..inner
+            };
+            if let Some(a) = on_outer.analytic() {
+                // The decoder's gradient from the analytic point at λ*; the encoder's by
+                // its hand backward of its own loss −(1/B) Σ ELBO(λ0), decoder constant.
+                let (er, mut grads, _) = analytic_loss(model, &a, &r.lambda)?;
+                match (&model.encoder, &hand, &tape) {
+                    (None, _, _) => {}
+                    (Some(_), Some(enc), Some(tape)) => {
+                        let b = x.len() as f64;
+                        let own = (inner.value_and_grad(&lambda0.0)?.1 * (-1.0 / b))?;
+                        add_into(&mut grads, model, "encoder.", enc.backward(tape, &own)?)?;
+                    }
+                    _ => anyhow::bail!("internal: the encoder has no taped forward"),
+                }
+                let kl = savae_model::gaussian_kl(&VariationalParams(r.lambda.clone()))?;
+                return Ok(StepOutput {
+                    grads,
+                    loss: -er,
+                    elbo_amortized: e0,
+                    elbo_refined: Some(er),
+                    kl: mean(&kl)?,
+                    svi: Some(svi_stats(&r)),
+                    cg: None,
+                    lambda_refined: Some(r.lambda),
+                    lambda0: lambda0.0.detach(),
+                });
+            }
+            let refined = VariationalParams(r.lambda.clone());
+            let t = elbo(&model.decoder, x, &refined, outer, beta)?;
+            let mut loss_t = (t.elbo.mean_all()? * -1.0)?;
             if model.encoder.is_some() {
                 // The encoder trains on its own ELBO at λ0 (decoder detached there).
                 let t0 = elbo(&dec_det, x, &lambda0, eps, beta)?;
