@@ -387,23 +387,36 @@ fn text_training_steps_agree_on_both_paths() {
             ]);
         }
         for (name, base) in cases {
-            let run = |passes| {
-                let mut c = base;
-                c.passes = passes;
-                train_step(&model, &x, &eps, &c).unwrap()
-            };
-            let a = run(savae_model::Passes::Analytic);
-            let r = run(savae_model::Passes::Autograd);
-            let e = rel_err(&flat(&a.grads), &flat(&r.grads));
-            assert!(e < 1e-10, "{name}, B = {b}: gradients differ by {e:e}");
-            assert!(
-                (a.loss - r.loss).abs() <= 1e-10 * r.loss.abs(),
-                "{name}, B = {b}: loss {} vs {}",
-                a.loss,
-                r.loss
-            );
+            assert_paths_agree(&model, &x, &eps, base, &format!("{name}, B = {b}"));
         }
     }
+}
+
+/// One step of `cfg` on the analytic and on the autograd path: the same loss and
+/// gradients to 1e-10 (relative).
+fn assert_paths_agree(
+    model: &Vae,
+    x: &Batch,
+    eps: &Noise,
+    cfg: savae_train::StepConfig,
+    what: &str,
+) {
+    let run = |passes| {
+        let mut c = cfg;
+        c.passes = passes;
+        train_step(model, x, eps, &c).unwrap()
+    };
+    let a = run(savae_model::Passes::Analytic);
+    let r = run(savae_model::Passes::Autograd);
+    assert!(flat(&a.grads).iter().all(|g| g.is_finite()), "{what}");
+    let e = rel_err(&flat(&a.grads), &flat(&r.grads));
+    assert!(e < 1e-10, "{what}: gradients differ by {e:e}");
+    assert!(
+        (a.loss - r.loss).abs() <= 1e-10 * r.loss.abs(),
+        "{what}: loss {} vs {}",
+        a.loss,
+        r.loss
+    );
 }
 
 /// The language model's hand-derived step gives autograd's loss and gradients (f64,
@@ -417,17 +430,13 @@ fn language_model_steps_agree_on_both_paths() {
             v.set(&(v.as_tensor() * 5.0).unwrap()).unwrap();
         }
         let (_, x, eps) = setup_n(true, b);
-        let run = |passes| {
-            let mut c = step_cfg(Mode::Lm, 0);
-            c.passes = passes;
-            train_step(&lm, &x, &eps, &c).unwrap()
-        };
-        let a = run(savae_model::Passes::Analytic);
-        let r = run(savae_model::Passes::Autograd);
-        let e = rel_err(&flat(&a.grads), &flat(&r.grads));
-        assert!(e < 1e-10, "B = {b}: gradients differ by {e:e}");
-        assert!((a.loss - r.loss).abs() <= 1e-10 * r.loss.abs());
-        assert!(flat(&a.grads).iter().all(|g| g.is_finite()));
+        assert_paths_agree(
+            &lm,
+            &x,
+            &eps,
+            step_cfg(Mode::Lm, 0),
+            &format!("lm, B = {b}"),
+        );
     }
 }
 
