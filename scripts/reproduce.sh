@@ -96,6 +96,9 @@ if [ "$what" = ptb ] || [ "$what" = all ]; then
     common=(--dataset ptb "${patience[@]}")
     run ptb-lm 500 "${common[@]}" --model lm
     run ptb-vae 500 "${common[@]}" --model vae
+    # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
+    # cheap row between the VAE and SA-VAE.
+    run ptb-vae-svi 500 "${common[@]}" --model vae-svi --svi-steps 10
     run ptb-savae-unrolled 500 "${common[@]}" --model savae --grad unrolled --svi-steps 10
     run ptb-savae-implicit 500 "${common[@]}" --model savae --grad implicit \
         --svi-optimizer newton --svi-steps 3 --samples 4
