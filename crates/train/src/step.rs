@@ -369,18 +369,48 @@ fn collect(store: &GradStore, model: &Vae, scale: f64) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-fn add_into(acc: &mut [Tensor], model: &Vae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
-    let idx: Vec<usize> = model
-        .params
-        .iter()
-        .enumerate()
-        .filter(|(_, (n, _))| n.starts_with(prefix))
-        .map(|(i, _)| i)
-        .collect();
-    for (i, g) in idx.into_iter().zip(extra) {
-        acc[i] = (&acc[i] + g)?;
+/// Gradient sums for every parameter of a model, in `model.params` order; a parameter
+/// nothing was added to is zero. The first term is kept as it is (0 + g = g), which saves
+/// a zero-filled tensor and an addition per parameter on every step.
+struct GradSum(Vec<Option<Tensor>>);
+
+impl GradSum {
+    fn new(model: &Vae) -> Self {
+        Self(vec![None; model.params.len()])
     }
-    Ok(())
+
+    /// Every parameter's gradient, given.
+    fn of(grads: Vec<Tensor>) -> Self {
+        Self(grads.into_iter().map(Some).collect())
+    }
+
+    /// Adds `extra`, the gradients of the parameters named `prefix…` in order.
+    fn add(&mut self, model: &Vae, prefix: &str, extra: Vec<Tensor>) -> Result<()> {
+        let idx = model
+            .params
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| n.starts_with(prefix))
+            .map(|(i, _)| i);
+        for (i, g) in idx.zip(extra) {
+            self.0[i] = Some(match self.0[i].take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(self, model: &Vae) -> Result<Vec<Tensor>> {
+        self.0
+            .into_iter()
+            .zip(model.params.iter())
+            .map(|(g, (_, v))| match g {
+                Some(g) => Ok(g),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect()
+    }
 }
 
 fn svi_stats(r: &Refinement) -> SviStats {
@@ -486,13 +516,13 @@ pub fn train_step_outer(
                     (Some(_), Some(enc), Some(tape)) => {
                         let b = x.len() as f64;
                         let own = (inner.value_and_grad(&lambda0.0)?.1 * (-1.0 / b))?;
-                        add_into(&mut grads, model, "encoder.", enc.backward(tape, &own)?)?;
+                        grads.add(model, "encoder.", enc.backward(tape, &own)?)?;
                     }
                     _ => anyhow::bail!("internal: the encoder has no taped forward"),
                 }
                 let kl = savae_model::gaussian_kl(&VariationalParams(r.lambda.clone()))?;
                 return Ok(StepOutput {
-                    grads,
+                    grads: grads.finish(model)?,
                     loss: -er,
                     elbo_amortized: e0,
                     elbo_refined: Some(er),
@@ -597,31 +627,21 @@ impl HandEncoder {
     }
 }
 
-/// Zero gradients for every parameter of `model`, in order.
-fn zero_grads(model: &Vae) -> Result<Vec<Tensor>> {
-    model
-        .params
-        .iter()
-        .map(|(_, v)| Ok(v.as_tensor().zeros_like()?))
-        .collect()
-}
-
 fn scaled(ts: Vec<Tensor>, k: f64) -> Result<Vec<Tensor>> {
     ts.into_iter().map(|t| Ok((t * k)?)).collect()
 }
 
 /// L = −(1/B) Σ_b ELBO_β(λ_b) on the analytic passes of `elbo` (in row blocks): the
-/// mean ELBO, ∂L/∂θ (the decoder's entries; zeros elsewhere) and ∂L/∂λ.
+/// mean ELBO, ∂L/∂θ (the decoder's entries) and ∂L/∂λ.
 fn analytic_loss(
     model: &Vae,
     elbo: &DecoderElbo,
     lambda: &Tensor,
-) -> Result<(f64, Vec<Tensor>, Tensor)> {
+) -> Result<(f64, GradSum, Tensor)> {
     let b = lambda.dim(0)? as f64;
     let pt = elbo.at(lambda, true)?;
-    let mut grads = zero_grads(model)?;
-    let dec = scaled(pt.weight_grads()?, -1.0 / b)?;
-    add_into(&mut grads, model, "decoder.", dec)?;
+    let mut grads = GradSum::new(model);
+    grads.add(model, "decoder.", scaled(pt.weight_grads()?, -1.0 / b)?)?;
     Ok((mean(pt.values())?, grads, (pt.grad() * (-1.0 / b))?))
 }
 
@@ -654,22 +674,32 @@ fn vae_step_analytic(
     let parts = per_block(&blocks, |start, len| {
         let (lambda0, tape) = enc.forward_taped(&x.rows(start, len)?)?;
         let pt = whole.rows_at(start, len, &lambda0, true)?;
-        let dec = scaled(pt.weight_grads()?, scale)?;
         let enc_grads = enc.backward(&tape, &(pt.grad() * scale)?)?;
-        Ok((pt.values().clone(), lambda0, dec, enc_grads))
+        Ok((pt.values().clone(), lambda0, pt.weight_grads()?, enc_grads))
     })?;
-    let mut grads = zero_grads(model)?;
+    // The decoder's block sums are scaled once; the encoder's came from scaled upstreams.
+    let (mut dec, mut enc_sum) = (GradSum::new(model), GradSum::new(model));
     let (mut values, mut lambda0) = (Vec::new(), Vec::new());
-    for (v, l, dec, enc_grads) in parts {
-        add_into(&mut grads, model, "decoder.", dec)?;
-        add_into(&mut grads, model, "encoder.", enc_grads)?;
+    for (v, l, dec_grads, enc_grads) in parts {
+        dec.add(model, "decoder.", dec_grads)?;
+        enc_sum.add(model, "encoder.", enc_grads)?;
         values.push(v);
         lambda0.push(l);
     }
+    let grads = GradSum(
+        dec.0
+            .into_iter()
+            .zip(enc_sum.0)
+            .map(|(d, e)| match (d, e) {
+                (Some(d), _) => Ok(Some((d * scale)?)),
+                (None, e) => Ok(e),
+            })
+            .collect::<Result<_>>()?,
+    );
     let e = mean(&Tensor::cat(&values, 0)?)?;
     let lambda0 = VariationalParams(Tensor::cat(&lambda0, 0)?);
     Ok(StepOutput {
-        grads,
+        grads: grads.finish(model)?,
         loss: -e,
         elbo_amortized: e,
         elbo_refined: None,
@@ -694,12 +724,14 @@ fn lm_step_analytic(model: &Vae, dec_det: &Decoder, x: &Batch) -> Result<StepOut
     let parts = per_block(&blocks, |start, len| {
         dec.lm_log_lik_and_grads(&text.rows(start, len)?)
     })?;
-    let mut grads = zero_grads(model)?;
+    let mut sum = GradSum::new(model);
     let mut values = Vec::new();
     for (v, g) in parts {
-        add_into(&mut grads, model, "decoder.", scaled(g, -1.0 / b as f64)?)?;
+        sum.add(model, "decoder.", g)?;
         values.push(v);
     }
+    let grads = sum.finish(model)?;
+    let grads = scaled(grads, -1.0 / b as f64)?;
     let e = mean(&Tensor::cat(&values, 0)?)?;
     let lambda0 = model.encode(x)?;
     Ok(StepOutput {
@@ -800,7 +832,7 @@ fn savae_step(
         None => {
             let at_opt = elbo_vg(&model.decoder, s.x, outer, s.beta, &r.lambda)?;
             // L = −(1/B) Σ ELBO → ∂_θ L and g = ∇_λ L.
-            let grads = collect(&at_opt.store, model, -1.0 / b)?;
+            let grads = GradSum::of(collect(&at_opt.store, model, -1.0 / b)?);
             let g = (at_opt.grad.detach() * (-1.0 / b))?;
             (mean(&at_opt.values)?, grads, g, Some(at_opt))
         }
@@ -819,15 +851,15 @@ fn savae_step(
             (l0, dec, Some(stats))
         }
     };
-    add_into(&mut grads, model, "decoder.", decoder_grads)?;
+    grads.add(model, "decoder.", decoder_grads)?;
     if model.encoder.is_some() {
         let through_refinement =
             encoder_loss == EncoderLoss::Refined && (unrolled || svi.prox > 0.0);
         let enc_grads = encoder_gradient(s, through_refinement.then_some(&lambda0_grad))?;
-        add_into(&mut grads, model, "encoder.", enc_grads)?;
+        grads.add(model, "encoder.", enc_grads)?;
     }
     Ok(StepOutput {
-        grads,
+        grads: grads.finish(model)?,
         loss: -refined_elbo,
         elbo_amortized: e0,
         elbo_refined: Some(refined_elbo),
