@@ -58,6 +58,13 @@ pub struct LstmTape {
     pub gates: Vec<LstmGates>,
 }
 
+/// The state each step reads, h_{t−1} for t = 1 … T: `[N·T, H]` from `h0: [N, H]` and the
+/// steps' outputs `hs: [N, T, H]` (the same for their tangents).
+pub(crate) fn inputs_of_steps(h0: &Tensor, hs: &Tensor) -> Result<Tensor> {
+    let (n, t, h) = hs.dims3()?;
+    Ok(Tensor::cat(&[&h0.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?.reshape((n * t, h))?)
+}
+
 /// LSTM weights: `weight_ih: [4H, I]`, `weight_hh: [4H, H]`, `bias: [4H]` (one bias; the
 /// sum of PyTorch's two).
 #[derive(Debug, Clone)]

@@ -17,6 +17,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
+
+    /// The same layer with its weights detached from autodiff.
+    pub fn detached(&self) -> Linear {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
+    }
 }
 
 /// What a taped forward keeps: the input of every layer (x, h_1, …), and the
@@ -128,14 +136,7 @@ impl Mlp {
     /// input only, which saves the weight-gradient work in SVI refinement.
     pub fn detached(&self) -> Mlp {
         Mlp {
-            layers: self
-                .layers
-                .iter()
-                .map(|l| Linear {
-                    weight: l.weight.detach(),
-                    bias: l.bias.detach(),
-                })
-                .collect(),
+            layers: self.layers.iter().map(Linear::detached).collect(),
             activation: self.activation,
         }
     }

@@ -8,7 +8,7 @@
 //! The language-model baseline (`lm`) is the same decoder without z (`h0 = 0`).
 //! Sentences of a batch have equal length, so nothing is padded or masked.
 
-use crate::lstm::{Lstm, LstmTape, ParamInit};
+use crate::lstm::{inputs_of_steps, Lstm, LstmTape, ParamInit};
 use crate::Linear;
 use anyhow::{bail, Result};
 use candle_core::{Tensor, D};
@@ -101,6 +101,39 @@ impl LstmEncoder {
     }
 }
 
+/// `Σ` of the rows of `x: [N, …]` at their words `words: [N]`: `[vocab, …]` (onehot(w)ᵀ x).
+pub(crate) fn sum_at_words(words: &Tensor, x: &Tensor, vocab: usize) -> Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    dims[0] = vocab;
+    Ok(Tensor::zeros(dims, x.dtype(), x.device())?.index_add(words, x, 0)?)
+}
+
+/// The gradients of an LSTM that reads embedded words, from its ∂γ `dg: [B·T, 4H]`, the
+/// words `[B·T]`, their (dropped-out) embeddings `emb: [B·T, E]`, the embedding dropout
+/// mask and the states the steps read `h_prev: [B·T, H]`: (embedding table, W_ih, W_hh,
+/// bias) = (rows of the words read get (∂γ W_ih) ⊙ mask, ∂γᵀ e, ∂γᵀ h_prev, Σ ∂γ).
+fn word_lstm_grads(
+    table: &Tensor,
+    lstm: &Lstm,
+    words: &Tensor,
+    emb: &Tensor,
+    mask: Option<&Tensor>,
+    h_prev: &Tensor,
+    dg: &Tensor,
+) -> Result<[Tensor; 4]> {
+    let mut g_emb = dg.matmul(&lstm.weight_ih)?;
+    if let Some(m) = mask {
+        g_emb = g_emb.mul(m)?;
+    }
+    let embed = sum_at_words(words, &g_emb, table.dim(0)?)?;
+    Ok([
+        embed,
+        dg.t()?.matmul(emb)?,
+        dg.t()?.matmul(h_prev)?,
+        dg.sum(0)?,
+    ])
+}
+
 /// What [`LstmEncoder::forward_taped`] keeps for [`LstmEncoder::backward`].
 #[derive(Debug, Clone)]
 pub struct LstmEncoderTape {
@@ -126,8 +159,7 @@ impl LstmEncoder {
         let (hs, lstm) = self.lstm.run_taped(&gx, &zeros, &zeros)?;
         let h_last = hs.narrow(1, t - 1, 1)?.squeeze(1)?;
         let lambda0 = self.out.forward(&h_last)?;
-        let h_prev = Tensor::cat(&[&zeros.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?
-            .reshape((b * t, h))?;
+        let h_prev = inputs_of_steps(&zeros, &hs)?;
         Ok((
             lambda0,
             LstmEncoderTape {
@@ -159,11 +191,15 @@ impl LstmEncoder {
         };
         let (dgamma, _) = self.lstm.backward_taped(&tape.lstm, &gh_out)?;
         let dg = dgamma.reshape((b * t, 4 * h))?;
-        let w_ih = dg.t()?.matmul(&tape.emb)?;
-        let w_hh = dg.t()?.matmul(&tape.h_prev)?;
-        let bias = dg.sum(0)?;
-        let g_emb = dg.matmul(&self.lstm.weight_ih)?;
-        let embed = self.embed.zeros_like()?.index_add(&tape.words, &g_emb, 0)?;
+        let [embed, w_ih, w_hh, bias] = word_lstm_grads(
+            &self.embed,
+            &self.lstm,
+            &tape.words,
+            &tape.emb,
+            None,
+            &tape.h_prev,
+            &dg,
+        )?;
         Ok(vec![embed, w_ih, w_hh, bias, w_out, b_out])
     }
 
@@ -171,10 +207,7 @@ impl LstmEncoder {
         LstmEncoder {
             embed: self.embed.detach(),
             lstm: self.lstm.detached(),
-            out: Linear {
-                weight: self.out.weight.detach(),
-                bias: self.out.bias.detach(),
-            },
+            out: self.out.detached(),
         }
     }
 }
@@ -335,38 +368,30 @@ impl LstmDecoder {
         let gh_out = out_masked(ghd.reshape((b, t, h))?)?;
         let (dgamma, _) = self.lstm.backward_taped(&tape, &gh_out)?;
         let dg = dgamma.reshape((b * t, 4 * h))?;
-        let mut g_emb = dg.matmul(&self.lstm.weight_ih)?;
-        if let Some(m) = &embed_mask {
-            g_emb = g_emb.mul(m)?;
-        }
-        let embed = self.embed.zeros_like()?.index_add(&inputs, &g_emb, 0)?;
-        let w_ih = dg.t()?.matmul(&emb)?;
-        let h_prev = Tensor::cat(&[&zeros.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?
-            .reshape((b * t, h))?;
-        let w_hh = dg.t()?.matmul(&h_prev)?;
-        let bias = dg.sum(0)?;
+        let h_prev = inputs_of_steps(&zeros, &hs)?;
+        let [embed, w_ih, w_hh, bias] = word_lstm_grads(
+            &self.embed,
+            &self.lstm,
+            &inputs,
+            &emb,
+            embed_mask.as_ref(),
+            &h_prev,
+            &dg,
+        )?;
         // ∂/∂W_o = onehot(y)ᵀ hd − pᵀ hd; ∂/∂b_o = counts of y − Σ p.
-        let at_targets = |rows: &Tensor| -> Result<Tensor> {
-            let mut dims = rows.dims().to_vec();
-            dims[0] = w_o.dim(0)?;
-            Ok(Tensor::zeros(dims, rows.dtype(), rows.device())?.index_add(&targets, rows, 0)?)
-        };
-        let w_out = (at_targets(&hd)? - p.t()?.matmul(&hd)?)?;
+        let vocab = w_o.dim(0)?;
+        let w_out = (sum_at_words(&targets, &hd, vocab)? - p.t()?.matmul(&hd)?)?;
         let ones = Tensor::ones(b * t, p.dtype(), p.device())?;
-        let b_out = (at_targets(&ones)? - p.sum(0)?)?;
+        let b_out = (sum_at_words(&targets, &ones, vocab)? - p.sum(0)?)?;
         Ok((log_lik, vec![embed, w_ih, w_hh, bias, w_out, b_out]))
     }
 
     pub fn detached(&self) -> LstmDecoder {
-        let lin = |l: &Linear| Linear {
-            weight: l.weight.detach(),
-            bias: l.bias.detach(),
-        };
         LstmDecoder {
             embed: self.embed.detach(),
             lstm: self.lstm.detached(),
-            init: self.init.as_ref().map(lin),
-            out: lin(&self.out),
+            init: self.init.as_ref().map(Linear::detached),
+            out: self.out.detached(),
         }
     }
 }

@@ -130,8 +130,8 @@ settings! {
     #[arg(value_enum)]
     hvp: one HvpKind = HvpKind::Exact;
     /// Derivatives of the inner ELBO: analytic (hand-derived passes for its gradient,
-    /// Hessian-vector and mixed products and the SA-VAE loss's weight gradients, MLP and
-    /// LSTM decoders; for MLP models also the encoder's backward) or autograd (candle's
+    /// Hessian-vector and mixed products, the loss's weight gradients and the encoder's
+    /// backward, MLP and LSTM models, the language model included) or autograd (candle's
     /// backward and double backward, the reference).
     #[serde(default = "autograd_passes")]
     #[arg(value_enum)]

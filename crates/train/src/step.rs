@@ -514,8 +514,7 @@ pub fn train_step_outer(
                 match (&model.encoder, &hand, &tape) {
                     (None, _, _) => {}
                     (Some(_), Some(enc), Some(tape)) => {
-                        let b = x.len() as f64;
-                        let own = (inner.value_and_grad(&lambda0.0)?.1 * (-1.0 / b))?;
+                        let own = amortized_upstream(&inner, &lambda0.0)?;
                         grads.add(model, "encoder.", enc.backward(tape, &own)?)?;
                     }
                     _ => anyhow::bail!("internal: the encoder has no taped forward"),
@@ -627,6 +626,13 @@ impl HandEncoder {
     }
 }
 
+/// ∂/∂λ0 of the encoder's own loss −(1/B) Σ_b ELBO(λ0_b), the decoder constant: what its
+/// hand backward takes when it trains on its own ELBO.
+fn amortized_upstream(inner: &InnerElbo, lambda0: &Tensor) -> Result<Tensor> {
+    let b = lambda0.dim(0)? as f64;
+    Ok((inner.value_and_grad(lambda0)?.1 * (-1.0 / b))?)
+}
+
 fn scaled(ts: Vec<Tensor>, k: f64) -> Result<Vec<Tensor>> {
     ts.into_iter().map(|t| Ok((t * k)?)).collect()
 }
@@ -658,7 +664,7 @@ fn vae_step_analytic(
     eps: &Noise,
     beta: f64,
 ) -> Result<StepOutput> {
-    use savae_model::analytic::{per_block, row_blocks};
+    use savae_model::analytic::{per_block, row_blocks, sum_in_order};
     let whole = InnerElbo {
         decoder: dec_det,
         x,
@@ -677,25 +683,16 @@ fn vae_step_analytic(
         let enc_grads = enc.backward(&tape, &(pt.grad() * scale)?)?;
         Ok((pt.values().clone(), lambda0, pt.weight_grads()?, enc_grads))
     })?;
-    // The decoder's block sums are scaled once; the encoder's came from scaled upstreams.
-    let (mut dec, mut enc_sum) = (GradSum::new(model), GradSum::new(model));
-    let (mut values, mut lambda0) = (Vec::new(), Vec::new());
+    // The decoder's block sum is scaled once; the encoder's came from scaled upstreams.
+    let mut grads = GradSum::new(model);
+    let (mut values, mut lambda0, mut dec) = (Vec::new(), Vec::new(), Vec::new());
     for (v, l, dec_grads, enc_grads) in parts {
-        dec.add(model, "decoder.", dec_grads)?;
-        enc_sum.add(model, "encoder.", enc_grads)?;
+        grads.add(model, "encoder.", enc_grads)?;
+        dec.push(dec_grads);
         values.push(v);
         lambda0.push(l);
     }
-    let grads = GradSum(
-        dec.0
-            .into_iter()
-            .zip(enc_sum.0)
-            .map(|(d, e)| match (d, e) {
-                (Some(d), _) => Ok(Some((d * scale)?)),
-                (None, e) => Ok(e),
-            })
-            .collect::<Result<_>>()?,
-    );
+    grads.add(model, "decoder.", scaled(sum_in_order(dec)?, scale)?)?;
     let e = mean(&Tensor::cat(&values, 0)?)?;
     let lambda0 = VariationalParams(Tensor::cat(&lambda0, 0)?);
     Ok(StepOutput {
@@ -715,7 +712,7 @@ fn vae_step_analytic(
 /// its gradient ([`savae_model::LstmDecoder::lm_log_lik_and_grads`]), per row block like
 /// [`vae_step_analytic`].
 fn lm_step_analytic(model: &Vae, dec_det: &Decoder, x: &Batch) -> Result<StepOutput> {
-    use savae_model::analytic::{per_block, row_blocks};
+    use savae_model::analytic::{per_block, row_blocks, sum_in_order};
     let (Decoder::Lstm(dec), Batch::Text(text)) = (dec_det, x) else {
         anyhow::bail!("the language model reads text");
     };
@@ -724,18 +721,17 @@ fn lm_step_analytic(model: &Vae, dec_det: &Decoder, x: &Batch) -> Result<StepOut
     let parts = per_block(&blocks, |start, len| {
         dec.lm_log_lik_and_grads(&text.rows(start, len)?)
     })?;
-    let mut sum = GradSum::new(model);
-    let mut values = Vec::new();
-    for (v, g) in parts {
-        sum.add(model, "decoder.", g)?;
-        values.push(v);
-    }
-    let grads = sum.finish(model)?;
-    let grads = scaled(grads, -1.0 / b as f64)?;
+    let (values, dec): (Vec<Tensor>, Vec<Vec<Tensor>>) = parts.into_iter().unzip();
+    let mut grads = GradSum::new(model);
+    grads.add(
+        model,
+        "decoder.",
+        scaled(sum_in_order(dec)?, -1.0 / b as f64)?,
+    )?;
     let e = mean(&Tensor::cat(&values, 0)?)?;
     let lambda0 = model.encode(x)?;
     Ok(StepOutput {
-        grads,
+        grads: grads.finish(model)?,
         loss: -e,
         elbo_amortized: e,
         elbo_refined: None,
@@ -975,11 +971,7 @@ fn encoder_gradient(s: &SavaeInputs, lambda0_grad: Option<&Tensor>) -> Result<Ve
         // −(1/B) Σ ELBO(λ0) with the decoder constant.
         let upstream = match lambda0_grad {
             Some(l0) => l0.detach(),
-            None => {
-                let b = s.x.len() as f64;
-                let own = s.inner().value_and_grad(&s.lambda0.0)?.1;
-                (own * (-1.0 / b))?
-            }
+            None => amortized_upstream(&s.inner(), &s.lambda0.0)?,
         };
         return enc.backward(tape, &upstream);
     }

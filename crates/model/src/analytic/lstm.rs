@@ -21,7 +21,8 @@
 //! No parameter-gradient matmul is formed for the refinement's gradients or the products.
 
 use super::latent::{LatentCurvature, Reparam};
-use crate::text::{LstmDecoder, TokenBatch};
+use crate::lstm::inputs_of_steps;
+use crate::text::{sum_at_words, LstmDecoder, TokenBatch};
 use crate::Noise;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -173,9 +174,7 @@ impl LstmCache {
     /// onehot(y)ᵀ x for `x: [N·T, …]`: the rows of x added up at their target words,
     /// `[V, …]`.
     fn onehot_t(&self, x: &Tensor) -> Result<Tensor> {
-        let mut dims = x.dims().to_vec();
-        dims[0] = self.w.w_o.dim(0)?;
-        Ok(Tensor::zeros(dims, x.dtype(), x.device())?.index_add(&self.targets, x, 0)?)
+        sum_at_words(&self.targets, x, self.w.w_o.dim(0)?)
     }
 
     /// The decoder's parameter gradients of the draws' sum, divided by S.
@@ -198,13 +197,6 @@ fn masked(
             .reshape((s * b * tt, h))?,
         None => t.reshape((s * b * tt, h))?,
     })
-}
-
-/// The state each step reads, h_{t−1} for t = 1 … T: `[N·T, H]` from `h0: [N, H]` and the
-/// steps' outputs `hs: [N, T, H]` (the same for their tangents).
-fn inputs_of_steps(h0: &Tensor, hs: &Tensor) -> Result<Tensor> {
-    let (n, t, h) = hs.dims3()?;
-    Ok(Tensor::cat(&[&h0.unsqueeze(1)?, &hs.narrow(1, 0, t - 1)?], 1)?.reshape((n * t, h))?)
 }
 
 impl<'a> LstmElbo<'a> {

@@ -257,7 +257,7 @@ impl ElboPoint {
 }
 
 /// The blocks' parameter tensors summed, block by block in order.
-fn sum_in_order(per_block: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>> {
+pub fn sum_in_order(per_block: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>> {
     let mut blocks = per_block.into_iter();
     let mut acc = blocks.next().unwrap_or_default();
     for block in blocks {
