@@ -241,6 +241,36 @@ fn ptb_slice_trains_with_implicit_savae_resumes_bit_identically_and_samples() {
     assert!(tensors(&small)
         .iter()
         .all(|(n, _)| !n.starts_with("optim.")));
+    // An f16 export is about half the size again (the metadata, vocabulary included, does
+    // not shrink), stores f16 tensors, and evaluates within rounding of the exact one (the
+    // same draws; only the weights moved, by ≤ 2⁻¹¹).
+    let half = d.join("half.safetensors");
+    savae_ok(&[
+        "export",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--out",
+        half.to_str().unwrap(),
+        "--precision",
+        "f16",
+    ]);
+    let half_len = std::fs::metadata(&half).unwrap().len() as f64;
+    let small_len = std::fs::metadata(&small).unwrap().len() as f64;
+    assert!(half_len < 0.6 * small_len, "{half_len} vs {small_len}");
+    let raw = std::fs::read(&half).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    assert!(st
+        .tensors()
+        .iter()
+        .all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
+    let e3 = eval_json(&half, &eval_args);
+    for key in ["elbo_amortized", "elbo_refined", "nll_iw", "ppl_iw"] {
+        let (x, y) = (e[key].as_f64().unwrap(), e3[key].as_f64().unwrap());
+        assert!(
+            x != y && (x - y).abs() < 1e-3 * x.abs(),
+            "{key}: exact {x}, f16 {y}"
+        );
+    }
     let s = savae_ok(&[
         "sample",
         "--checkpoint",

@@ -48,6 +48,10 @@ pub struct ExportArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     out: PathBuf,
+    /// How the weights are stored: as-trained (exact) or f16 (half the size of f32, each
+    /// weight rounded to 11 significant bits; loading converts back).
+    #[arg(long, value_enum, default_value_t = savae_train::options::StoredPrecision::AsTrained)]
+    precision: savae_train::options::StoredPrecision,
 }
 
 fn run_export(a: ExportArgs) -> Result<()> {
@@ -58,11 +62,12 @@ fn run_export(a: ExportArgs) -> Result<()> {
         ck.meta.config.dtype(),
         &candle_core::Device::Cpu,
     )?;
-    savae_train::checkpoint::save(&a.out, &model, None, &ck.meta)
+    savae_train::checkpoint::save_weights(&a.out, &model, &ck.meta, a.precision)
         .with_context(|| format!("--out {}", a.out.display()))?;
     eprintln!(
-        "savae: wrote {} (weights and metadata, no optimizer state)",
-        a.out.display()
+        "savae: wrote {} (weights stored {}, and metadata; no optimizer state)",
+        a.out.display(),
+        a.precision
     );
     Ok(())
 }

@@ -10,6 +10,7 @@
 
 use crate::adam::Adam;
 use crate::config::TrainConfig;
+use crate::options::StoredPrecision;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use savae_model::{ModelConfig, Vae};
@@ -110,10 +111,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves the model, optimizer and metadata to `path` atomically.
 pub fn save(path: &Path, model: &Vae, adam: Option<&Adam>, meta: &CheckpointMeta) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (name, var) in model.params.iter() {
-        tensors.push((name.to_string(), var.as_tensor().to_device(&Device::Cpu)?));
-    }
+    let mut tensors = weights(model, None)?;
     if let Some(adam) = adam {
         for (i, (name, _)) in model.params.iter().enumerate() {
             tensors.push((
@@ -126,6 +124,42 @@ pub fn save(path: &Path, model: &Vae, adam: Option<&Adam>, meta: &CheckpointMeta
             ));
         }
     }
+    write_tensors(path, &tensors, meta)
+}
+
+/// Saves the model's weights and the metadata only (no optimizer state: for evaluation,
+/// sampling and `init_from`, not for resuming), stored at `precision`, atomically.
+pub fn save_weights(
+    path: &Path,
+    model: &Vae,
+    meta: &CheckpointMeta,
+    precision: StoredPrecision,
+) -> Result<()> {
+    let dtype = match precision {
+        StoredPrecision::AsTrained => None,
+        StoredPrecision::F16 => Some(DType::F16),
+    };
+    write_tensors(path, &weights(model, dtype)?, meta)
+}
+
+/// The model's weights by name on the CPU, converted to `dtype` if given.
+fn weights(model: &Vae, dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
+    model
+        .params
+        .iter()
+        .map(|(name, var)| {
+            let t = var.as_tensor().to_device(&Device::Cpu)?;
+            let t = match dtype {
+                Some(d) => t.to_dtype(d)?,
+                None => t,
+            };
+            Ok((name.to_string(), t))
+        })
+        .collect()
+}
+
+/// Serializes `tensors` with `meta` under the key `savae` and writes them atomically.
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)], meta: &CheckpointMeta) -> Result<()> {
     let json = serde_json::to_string(meta)?;
     let md: HashMap<String, String> = [("savae".to_string(), json)].into();
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(md))
@@ -160,9 +194,10 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         anyhow::anyhow!("checkpoint {p}: cannot read its tensors (truncated or corrupt): {e}")
     })?;
     for (name, t) in &tensors {
-        if !matches!(t.dtype(), DType::F32 | DType::F64) {
+        if !matches!(t.dtype(), DType::F32 | DType::F64 | DType::F16) {
             bail!(
-                "checkpoint {p}: tensor {name} has dtype {:?}, expected f32 or f64",
+                "checkpoint {p}: tensor {name} has dtype {:?}, expected f32, f64 or f16 (an \
+                 export)",
                 t.dtype()
             );
         }

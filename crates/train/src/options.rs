@@ -59,6 +59,19 @@ impl Precision {
     }
 }
 
+/// How an exported (weights-only) checkpoint stores its weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoredPrecision {
+    /// The training precision (f32 or f64): the exported model is the trained one, bit
+    /// for bit.
+    AsTrained,
+    /// IEEE half precision: half the size of f32; each weight rounded to 11 significant
+    /// bits (relative error ≤ 2⁻¹¹), so evaluations move slightly. Loading converts back
+    /// to the training precision.
+    F16,
+}
+
 /// `Display` as the command-line (and serialized) name.
 macro_rules! display_as_value_name {
     ($($t:ty),*) => {$(
@@ -74,7 +87,13 @@ macro_rules! display_as_value_name {
     )*};
 }
 
-display_as_value_name!(GradientKind, OuterNoise, EncoderLoss, Precision);
+display_as_value_name!(
+    GradientKind,
+    OuterNoise,
+    EncoderLoss,
+    Precision,
+    StoredPrecision
+);
 
 /// A setting whose value is out of range, in terms of the setting's name (the TOML key,
 /// e.g. `batch_size`); a front end renders it in its own terms (the CLI: `--batch-size`).
