@@ -638,3 +638,56 @@ fn patience_stops_a_run_that_no_longer_improves() {
     assert_eq!(again["epochs_done"].as_u64().unwrap(), done, "{again}");
     assert_eq!(again["early_stopped"], true);
 }
+
+/// The heap of each step in metrics.jsonl: the unrolled gradient's grows with the number
+/// of refinement steps K (it keeps every step for the reverse pass), the implicit
+/// gradient's does not; the epoch line carries the epoch's largest step heap.
+#[test]
+fn step_lines_report_the_heap_which_grows_with_k_only_when_unrolled() {
+    let last_step_heap = |grad: &str, k: &str| -> f64 {
+        let d = tmpdir(&format!("heap-{grad}-{k}"));
+        // TINY with this K in place of its --svi-steps.
+        let at = TINY.iter().position(|&a| a == "--svi-steps").unwrap();
+        let mut args = vec!["train", "--run-dir", d.to_str().unwrap()];
+        args.extend_from_slice(&TINY[..at]);
+        args.extend_from_slice(&TINY[at + 2..]);
+        args.extend_from_slice(&["--model", "savae", "--grad", grad, "--svi-steps", k]);
+        args.extend_from_slice(&["--epochs", "1", "--log-every", "1"]);
+        ok(&args);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let steps: Vec<f64> = lines
+            .iter()
+            .filter(|v| v["kind"] == "step")
+            .map(|v| v["heap_mib"].as_f64().unwrap())
+            .collect();
+        let epoch = lines.iter().find(|v| v["kind"] == "epoch").unwrap()["step_heap_peak_mib"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(steps.len(), 6, "{grad} K={k}");
+        assert!(
+            steps.iter().all(|&h| h > 0.0 && h <= epoch),
+            "{steps:?} vs {epoch}"
+        );
+        assert!(steps.contains(&epoch), "{steps:?} vs {epoch}");
+        let _ = std::fs::remove_dir_all(&d);
+        *steps.last().unwrap()
+    };
+    let (u3, u60) = (
+        last_step_heap("unrolled", "3"),
+        last_step_heap("unrolled", "60"),
+    );
+    let (i3, i60) = (
+        last_step_heap("implicit", "3"),
+        last_step_heap("implicit", "60"),
+    );
+    assert!(u60 > 5.0 * u3, "unrolled: K=3 {u3} MiB, K=60 {u60} MiB");
+    assert!(
+        (i60 - i3).abs() < 0.1 * i3,
+        "implicit: K=3 {i3} MiB, K=60 {i60} MiB"
+    );
+    assert!(i60 < u3, "implicit K=60 {i60} MiB vs unrolled K=3 {u3} MiB");
+}

@@ -175,7 +175,13 @@ struct CliObserver {
     batches: usize,
     /// Testing hook: `SAVAE_INJECT_NAN_FROM_STEP=N` makes every loss from step N on NaN.
     inject_nan_from: Option<u64>,
+    /// Heap live when the current step's window began (the end of the previous step).
+    heap_base: usize,
+    /// The largest step heap of the epoch so far (bytes above its base).
+    epoch_heap_peak: usize,
 }
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 impl CliObserver {
     fn new(run_dir: &Path, progress: bool) -> Result<Self> {
@@ -189,7 +195,18 @@ impl CliObserver {
             inject_nan_from: std::env::var("SAVAE_INJECT_NAN_FROM_STEP")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            heap_base: 0,
+            epoch_heap_peak: 0,
         })
+    }
+
+    /// The heap the step just done needed above what was live before it (its batch, the
+    /// step and the update; bytes), and a new window for the next step.
+    fn step_heap(&mut self) -> usize {
+        let used = crate::heap::peak_bytes().saturating_sub(self.heap_base);
+        self.heap_base = crate::heap::reset_peak();
+        self.epoch_heap_peak = self.epoch_heap_peak.max(used);
+        used
     }
 }
 
@@ -231,6 +248,8 @@ impl Observer for CliObserver {
             self.epochs
         ))?);
         self.bar.set_position(start_batch as u64);
+        self.heap_base = crate::heap::reset_peak();
+        self.epoch_heap_peak = 0;
         Ok(())
     }
 
@@ -261,12 +280,13 @@ impl Observer for CliObserver {
         }
         self.bar.set_message(msg);
         self.bar.inc(1);
+        let heap_mib = self.step_heap() as f64 / MIB;
         if r.log {
             self.metrics.write(json!({
                 "kind": "step", "epoch": r.epoch + 1, "batch": r.batch + 1, "step": r.step,
                 "loss": out.loss, "elbo_amortized": out.elbo_amortized, "elbo_refined": out.elbo_refined,
                 "kl": out.kl, "beta": r.beta, "grad_norm": r.grad_norm, "examples_per_s": ex_s, "tokens_per_s": tok_s,
-                "step_seconds": r.seconds, "svi": out.svi, "cg": out.cg,
+                "step_seconds": r.seconds, "heap_mib": heap_mib, "svi": out.svi, "cg": out.cg,
             }))?;
         }
         Ok(())
@@ -295,6 +315,7 @@ impl Observer for CliObserver {
             "epoch_seconds": e.seconds, "skipped_batches": e.skipped_batches, "best": e.improved,
             "svi_resets": st.svi_resets, "cg_negative_curvature": st.cg_negative_curvature, "cg_non_finite": st.cg_non_finite,
             "cg_retried": st.cg_retried, "cg_fallbacks": st.cg_fallbacks, "not_stationary": st.not_stationary,
+            "step_heap_peak_mib": self.epoch_heap_peak as f64 / MIB,
         }))?;
         if self.progress {
             let ppl = v
