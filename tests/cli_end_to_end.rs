@@ -175,6 +175,17 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
         (erw - er).abs() > 1e-6,
         "newton refined {erw} = sgd refined {er}"
     );
+    // `--prox` likewise: the checkpoint's γ (1) by default, another on request.
+    assert_eq!(v["svi_prox"], 1.0);
+    let p: serde_json::Value =
+        serde_json::from_str(ok(&eval_args(&["--iw-samples", "0", "--prox", "5"])).trim()).unwrap();
+    assert_eq!(p["svi_prox"], 5.0);
+    assert_eq!(p["elbo_amortized"], v["elbo_amortized"]);
+    let erp = p["elbo_refined"].as_f64().unwrap();
+    assert!(
+        (erp - er).abs() > 1e-6,
+        "γ = 5 refined {erp} = γ = 1 refined {er}"
+    );
     let out = savae(&with("lbfgs"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -219,6 +230,10 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
         (vec!["train", "--device", "tpu"], "--device"),
         (vec!["train", "--encoder-loss", "both"], "--encoder-loss"),
         (vec!["train", "--patience", "0"], "--patience"),
+        (
+            vec!["eval", "--checkpoint", "x.safetensors", "--prox=-1"],
+            "--prox",
+        ),
         (
             vec!["eval", "--checkpoint", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",

@@ -91,6 +91,10 @@ pub struct EvalArgs {
     /// can be scored by the same one.
     #[arg(long, value_enum)]
     svi_optimizer: Option<SviMethod>,
+    /// Proximal weight γ of the SVI refinement (default: the checkpoint's --prox), so that
+    /// models trained at different γ can be scored by the same refinement.
+    #[arg(long, value_parser = flags::parse_prox)]
+    prox: Option<f64>,
     /// Evaluate N examples of the split, chosen by --subset [default: all].
     #[arg(long)]
     max_examples: Option<usize>,
@@ -131,6 +135,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
         svi_optimizer: a.svi_optimizer,
+        prox: a.prox,
         subset: Subset::new(a.max_examples, a.subset, a.seed),
         elbo_samples: a.elbo_samples,
         refine_samples: a.refine_samples,

@@ -669,6 +669,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         iw_samples: a.iw_samples,
         svi_steps: a.svi_steps,
         svi_optimizer: None,
+        prox: None,
         subset: Subset::new(Some(a.max_examples), SubsetOrder::Random, a.seed),
         elbo_samples: a.elbo_samples,
         refine_samples: None,

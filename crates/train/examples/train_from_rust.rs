@@ -46,6 +46,7 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
         iw_samples: 10,
         svi_steps: None,
         svi_optimizer: None,
+        prox: None,
         subset: Subset::Random {
             examples: 100,
             seed: 1,

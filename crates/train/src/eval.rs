@@ -58,6 +58,8 @@ pub struct EvalReport {
     pub svi_steps: usize,
     /// The refinement's optimizer (`sgd`, `adam`, `newton`).
     pub svi_optimizer: &'static str,
+    /// The refinement's proximal weight γ.
+    pub svi_prox: f64,
     pub nll_iw: Option<f64>,
     pub iw_samples: usize,
     pub active_units: usize,
@@ -384,6 +386,7 @@ fn report(
         svi_grad_norm: tot.svi_grad_norm / nf,
         svi_steps: tot.svi_steps,
         svi_optimizer: opts.svi.optimizer.name(),
+        svi_prox: opts.svi.prox,
         nll_iw: has_nll.then_some(tot.nll / nf),
         iw_samples: if latent { opts.iw_samples } else { 0 },
         active_units: count_active(&tot.means_refined, d),
@@ -467,6 +470,9 @@ pub struct EvalRequest {
     /// Refinement optimizer, with the checkpoint's SVI step size (None: the checkpoint's
     /// optimizer). Lets rows trained with different refinements be scored by the same one.
     pub svi_optimizer: Option<savae_inference::SviMethod>,
+    /// Proximal weight γ ≥ 0 of the refinement (None: the checkpoint's); with
+    /// `svi_optimizer` and `svi_steps`, one refinement for rows trained at different γ.
+    pub prox: Option<f64>,
     /// The examples of the split to score.
     pub subset: Subset,
     /// Fresh draws for the reported ELBOs.
@@ -524,6 +530,14 @@ pub fn evaluate_checkpoint(
     }
     if let Some(method) = req.svi_optimizer {
         svi.optimizer = method.with_lr(cfg.svi_lr);
+    }
+    if let Some(prox) = req.prox {
+        anyhow::ensure!(
+            prox.is_finite() && prox >= 0.0,
+            "a refinement proximal weight of {prox} was asked for: it must be finite and at \
+             least 0"
+        );
+        svi.prox = prox;
     }
     let bs = req.batch_size.unwrap_or(cfg.batch_size);
     anyhow::ensure!(
