@@ -93,7 +93,7 @@ pub struct EvalArgs {
     svi_optimizer: Option<SviMethod>,
     /// Proximal weight γ of the SVI refinement (default: the checkpoint's --prox), so that
     /// models trained at different γ can be scored by the same refinement.
-    #[arg(long, value_parser = flags::parse_prox)]
+    #[arg(long)]
     prox: Option<f64>,
     /// Evaluate N examples of the split, chosen by --subset [default: all].
     #[arg(long)]

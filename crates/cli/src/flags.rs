@@ -37,17 +37,6 @@ pub fn parse_split(s: &str) -> Result<savae_data::Split, String> {
     savae_data::Split::parse(s).map_err(|e| e.to_string())
 }
 
-/// A proximal weight γ: a finite number ≥ 0.
-pub fn parse_prox(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
-        Ok(x) => Err(format!(
-            "{x} is not a proximal weight: it must be finite and at least 0"
-        )),
-        Err(e) => Err(format!("{s:?} is not a number: {e}")),
-    }
-}
-
 /// A progress bar for an evaluation (hidden when `show` is false) and the callback that
 /// drives it.
 pub fn eval_progress(show: bool) -> (ProgressBar, impl FnMut(EvalProgress)) {

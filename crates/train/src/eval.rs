@@ -509,6 +509,14 @@ pub fn evaluate_checkpoint(
     device: &Device,
     progress: &mut dyn FnMut(EvalProgress),
 ) -> Result<Evaluated> {
+    if let Some(prox) = req.prox {
+        // The rule and wording of the training setting (`TrainConfig::validate`).
+        crate::options::require(
+            prox.is_finite() && prox >= 0.0,
+            "prox",
+            format!("must be a non-negative number (got {prox})"),
+        )?;
+    }
     let ck = crate::checkpoint::load(&req.checkpoint)?;
     let cfg = ck.meta.config.clone();
     let model = ck.model(&req.checkpoint, cfg.dtype(), device)?;
@@ -532,11 +540,6 @@ pub fn evaluate_checkpoint(
         svi.optimizer = method.with_lr(cfg.svi_lr);
     }
     if let Some(prox) = req.prox {
-        anyhow::ensure!(
-            prox.is_finite() && prox >= 0.0,
-            "a refinement proximal weight of {prox} was asked for: it must be finite and at \
-             least 0"
-        );
         svi.prox = prox;
     }
     let bs = req.batch_size.unwrap_or(cfg.batch_size);
