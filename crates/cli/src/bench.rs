@@ -8,7 +8,6 @@
 //! reported by the driver, sampled every 0.2 ms by a thread while the steps run, minus
 //! the memory in use before the configuration started.
 
-use crate::data_dir;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use rand::SeedableRng;
@@ -18,7 +17,6 @@ use savae_train::options::{GradientKind, ModelKind, Passes};
 use savae_train::step::train_step;
 use savae_train::TrainConfig;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -62,16 +60,18 @@ pub struct BenchArgs {
     /// Timed steps per configuration (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Untimed steps before the timed ones (allocator, caches).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// MNIST MLP hidden widths, comma-separated (the text model's sizes come from
+    /// the training defaults).
     #[arg(long, value_delimiter = ',', default_value = "512,512")]
     pub hidden: Vec<usize>,
+    /// MNIST latent dimension.
     #[arg(long, default_value_t = 32)]
     pub latent_dim: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: crate::flags::Machine,
     /// Also time `savae eval` on this many validation examples (0: no eval line):
     /// the refinement (8 draws × the default K), 10 ELBO draws at λ0 and λ*, and
     /// --iw-samples importance samples, reported as decoder FLOP/s beside the rate the
@@ -346,14 +346,14 @@ fn bench_eval(
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let dev = crate::device::resolve(&a.device)?;
+    let dev = a.machine.device()?;
     savae_implicit::ensure_second_order()?;
     let base = TrainConfig::defaults_for(&a.dataset);
     base.validate()?;
     let text = base.is_text();
     let corpus = savae_train::batch::Corpus::load(
         &a.dataset,
-        &data_dir(a.data_dir.as_ref()),
+        &a.machine.data_dir(),
         None,
         base.max_vocab,
         base.max_len,

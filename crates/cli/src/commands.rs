@@ -3,7 +3,7 @@
 //! `savae train` shows each setting's default, taken from [`TrainConfig`] itself (image
 //! and text defaults), so `--help` cannot drift from what a run uses.
 
-use crate::{bench, data_dir, device, flags, gradcheck, report, sample, train_cmd};
+use crate::{bench, flags, gradcheck, report, sample, train_cmd};
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use savae_train::eval::{evaluate_checkpoint, EvalRequest};
@@ -44,8 +44,10 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
+    /// The checkpoint to copy (a run's best.safetensors or last.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Where the copy is written (atomically; an existing file is replaced).
     #[arg(long)]
     out: PathBuf,
     /// How the weights are stored: as-trained (exact) or f16 (half the size of f32, each
@@ -109,12 +111,12 @@ pub struct EvalArgs {
     /// --samples if larger; one draw overfits the refinement to its noise).
     #[arg(long)]
     refine_samples: Option<usize>,
+    /// Examples evaluated at once (default: the checkpoint's training batch size). The
+    /// noise is drawn per batch, so another size moves the figures within their noise.
     #[arg(long)]
     batch_size: Option<usize>,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    machine: crate::flags::Machine,
     /// Seed of the subset, the refinement's draws, the ELBO draws and importance samples.
     #[arg(long, default_value_t = 1234)]
     seed: u64,
@@ -128,7 +130,7 @@ pub struct EvalArgs {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    let dev = device::resolve(&a.device)?;
+    let dev = a.machine.device()?;
     let req = EvalRequest {
         checkpoint: a.checkpoint,
         split: a.split,
@@ -141,7 +143,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         refine_samples: a.refine_samples,
         batch_size: a.batch_size,
         seed: a.seed,
-        data_dir: data_dir(a.data_dir.as_ref()),
+        data_dir: a.machine.data_dir(),
         passes: a.passes,
     };
     let (pb, mut progress) = flags::eval_progress(!a.quiet);

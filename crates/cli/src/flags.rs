@@ -4,6 +4,33 @@
 use indicatif::{ProgressBar, ProgressStyle};
 use savae_train::eval::EvalProgress;
 use savae_train::SettingError;
+use std::path::PathBuf;
+
+/// Where a command computes and where it reads the data: `--device` and `--data-dir`,
+/// declared once for `train`, `eval`, `report` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Machine {
+    /// cpu | cuda | cuda:N | auto (auto: the first CUDA GPU when this binary was built
+    /// with the `cuda` feature and one answers, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Folder holding mnist/, binarized_mnist/ and ptb/ [default: $SAVAE_DATA_DIR, else
+    /// ./data, else the data/ of the source tree this binary was built from].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Machine {
+    /// The device `--device` names (see [`crate::device::resolve`]).
+    pub fn device(&self) -> anyhow::Result<candle_core::Device> {
+        crate::device::resolve(&self.device)
+    }
+
+    /// The data folder `--data-dir` names, or its default (see [`crate::data_dir`]).
+    pub fn data_dir(&self) -> PathBuf {
+        crate::data_dir(self.data_dir.as_ref())
+    }
+}
 
 /// The program as the user invoked it, for commands we suggest: `savae` when it was
 /// found on the PATH, else the path it was run by (`target/release/savae` after

@@ -8,7 +8,6 @@
 //! ELBO(refined) − ELBO(amortized) on the evaluated split) and `summary.md`, whose numbers
 //! are those `savae eval` prints for the same checkpoint and options.
 
-use crate::data_dir;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use plotters::prelude::*;
@@ -30,23 +29,27 @@ pub struct ReportArgs {
     /// DIR/NAME-report].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// valid | test (| train): the split the reconstructions, gap and samples come from.
     #[arg(long, default_value = "valid", value_parser = crate::flags::parse_split)]
     pub split: savae_data::Split,
+    /// Importance samples of the NLL in the summary (0 skips it).
     #[arg(long, default_value_t = 100)]
     pub iw_samples: usize,
     /// Examples of the split evaluated: a random sample drawn with --seed.
     #[arg(long, default_value_t = 1000)]
     pub max_examples: usize,
+    /// SVI refinement steps (default: the checkpoint's).
     #[arg(long)]
     pub svi_steps: Option<usize>,
+    /// Noise draws for the reported ELBOs.
     #[arg(long, default_value_t = 10)]
     pub elbo_samples: usize,
+    /// Seed of the examples drawn, the refinement's draws and the samples.
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: crate::flags::Machine,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -662,7 +665,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         (None, None, None) => PathBuf::from("report"),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let device = crate::device::resolve(&a.device)?;
+    let device = a.machine.device()?;
     let req = EvalRequest {
         checkpoint: ck.clone(),
         split: a.split,
@@ -675,7 +678,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         refine_samples: None,
         batch_size: None,
         seed: a.seed,
-        data_dir: data_dir(a.data_dir.as_ref()),
+        data_dir: a.machine.data_dir(),
         passes: savae_model::Passes::Analytic,
     };
     let (pb, mut progress) = crate::flags::eval_progress(!a.quiet);

@@ -41,8 +41,10 @@ pub struct SampleArgs {
     /// SVI steps of the refined posterior (default: the checkpoint's).
     #[arg(long)]
     pub svi_steps: Option<usize>,
+    /// Seed of the prior draws and of --decode sample.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// cpu | cuda | cuda:N | auto (auto: the first CUDA GPU when one answers, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
 }

@@ -33,12 +33,8 @@ pub struct TrainArgs {
     /// Replace a run already in --run-dir.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
-    /// cpu | cuda | cuda:N | auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Folder of the data files (default: the repository's data/).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: crate::flags::Machine,
     /// Stop after this many consecutive non-finite batches.
     #[arg(long, default_value_t = 10)]
     pub max_bad_batches: usize,
@@ -94,8 +90,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let file = file.map(|f| f.settings);
     let opts = RunOptions {
         run_dir: run_dir.clone(),
-        data_dir: crate::data_dir(a.data_dir.as_ref()),
-        device: crate::device::resolve(&a.device)?,
+        data_dir: a.machine.data_dir(),
+        device: a.machine.device()?,
         max_bad_batches: a.max_bad_batches,
     };
     let dir = run_dir.display().to_string();
