@@ -99,12 +99,13 @@ if [ "$what" = ptb ] || [ "$what" = all ]; then
     # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
     # cheap row between the VAE and SA-VAE.
     run ptb-vae-svi 500 "${common[@]}" --model vae-svi --svi-steps 10
-    # 2 Newton steps on 1 draw at γ = 5, adjoint CG to 1e-3: 1.9 s per step on 2 cores
-    # (0.7 h per epoch) against 11.4 s for 3 steps on 4 draws at γ = 1, with 2 % of the
-    # examples non-stationary; at γ = 1 a 1-draw Newton optimum left 8–13 % non-stationary
-    # (bench/results/cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl).
+    # 2 Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3: 3 for 4 draws at γ = 1 cost
+    # 11.4 s per step on 2 cores against 1.9 s (bench/results/cpu-2core-ptb-savae-recipes-
+    # real-batches-2026-12-03.jsonl); γ = 5 was stationary early (5.9 % fallbacks in epoch 1)
+    # but 47 % of the examples were not by step 1 781 (KL 11), and γ = 20 left 7 % on the
+    # same batches at the same cost and refinement gain (…-ptb-savae-newton-stationarity-…).
     run ptb-savae-implicit 500 "${common[@]}" --model savae --grad implicit \
-        --svi-optimizer newton --svi-steps 2 --samples 1 --prox 5 --cg-tol 1e-3
+        --svi-optimizer newton --svi-steps 2 --samples 1 --prox 20 --cg-tol 1e-3
     # Optional in issue 16 ("if the budget allows"), so last: SA-VAE's own refinement, SGD
     # K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
     run ptb-savae-unrolled 500 "${common[@]}" --model savae --grad unrolled --svi-steps 10
