@@ -14,8 +14,8 @@ pub struct Machine {
     /// with the `cuda` feature and one answers, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Folder holding mnist/, binarized_mnist/ and ptb/ [default: $SAVAE_DATA_DIR, else
-    /// ./data, else the data/ of the source tree this binary was built from].
+    /// Folder holding mnist/, binarized_mnist/ and ptb/ (default: $SAVAE_DATA_DIR, else
+    /// ./data, else the data/ of the source tree this binary was built from).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
 }
