@@ -99,11 +99,12 @@ if [ "$what" = ptb ] || [ "$what" = all ]; then
     # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
     # cheap row between the VAE and SA-VAE.
     run ptb-vae-svi 500 "${common[@]}" --model vae-svi --svi-steps 10
-    # 2 Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3: 3 for 4 draws at γ = 1 cost
-    # 11.4 s per step on 2 cores against 1.9 s (bench/results/cpu-2core-ptb-savae-recipes-
-    # real-batches-2026-12-03.jsonl); γ = 5 was stationary early (5.9 % fallbacks in epoch 1)
-    # but 47 % of the examples were not by step 1 781 (KL 11), and γ = 20 left 7 % on the
-    # same batches at the same cost and refinement gain (…-ptb-savae-newton-stationarity-…).
+    # 2 Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3. On 1 draw a step costs 1.9 s
+    # on 2 cores, against 11.4 s for 3 Newton steps on 4 draws at γ = 1 (bench/results/
+    # cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl). γ = 5 was stationary early
+    # (5.9 % fallbacks in epoch 1) but left 47 % of the examples non-stationary by step 1 781
+    # (KL 11); on the same batches γ = 20 left 8 %, at the same cost and refinement gain
+    # (bench/results/cpu-ptb-savae-newton-stationarity-2026-12-03.jsonl).
     run ptb-savae-implicit 500 "${common[@]}" --model savae --grad implicit \
         --svi-optimizer newton --svi-steps 2 --samples 1 --prox 20 --cg-tol 1e-3
     # Optional in issue 16 ("if the budget allows"), so last: SA-VAE's own refinement, SGD

@@ -6,14 +6,29 @@ use savae_train::eval::EvalProgress;
 use savae_train::SettingError;
 use std::path::PathBuf;
 
-/// Where a command computes and where it reads the data: `--device` and `--data-dir`,
-/// declared once for `train`, `eval`, `report` and `bench`.
+/// Where a command computes: `--device`, declared once for every command that takes it
+/// with the default `auto` (alone in `sample`, inside [`Machine`] elsewhere).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Machine {
+pub struct DeviceFlag {
     /// cpu | cuda | cuda:N | auto (auto: the first CUDA GPU when this binary was built
     /// with the `cuda` feature and one answers, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl DeviceFlag {
+    /// The device `--device` names (see [`crate::device::resolve`]).
+    pub fn resolve(&self) -> anyhow::Result<candle_core::Device> {
+        crate::device::resolve(&self.device)
+    }
+}
+
+/// Where a command computes and where it reads the data: `--device` and `--data-dir`,
+/// declared once for `train`, `eval`, `report` and `bench`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Machine {
+    #[command(flatten)]
+    pub device: DeviceFlag,
     /// Folder holding mnist/, binarized_mnist/ and ptb/ (default: $SAVAE_DATA_DIR, else
     /// ./data, else the data/ of the source tree this binary was built from).
     #[arg(long)]
@@ -21,9 +36,9 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// The device `--device` names (see [`crate::device::resolve`]).
+    /// The device `--device` names.
     pub fn device(&self) -> anyhow::Result<candle_core::Device> {
-        crate::device::resolve(&self.device)
+        self.device.resolve()
     }
 
     /// The data folder `--data-dir` names, or its default (see [`crate::data_dir`]).

@@ -44,9 +44,8 @@ pub struct SampleArgs {
     /// Seed of the prior draws and of --decode sample.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// cpu | cuda | cuda:N | auto (auto: the first CUDA GPU when one answers, else the CPU).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: crate::flags::DeviceFlag,
 }
 
 /// How the next word is chosen.
@@ -163,7 +162,7 @@ fn unknown_words(vocab: &Vocab, s: &str) -> Vec<String> {
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
-    let device = crate::device::resolve(&a.device)?;
+    let device = a.device.resolve()?;
     let ck = savae_train::checkpoint::load(&a.checkpoint)?;
     let vocab = ck.vocab(&a.checkpoint)?.with_context(|| {
         format!(
