@@ -99,14 +99,17 @@ if [ "$what" = ptb ] || [ "$what" = all ]; then
     # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
     # cheap row between the VAE and SA-VAE.
     run ptb-vae-svi 500 "${common[@]}" --model vae-svi --svi-steps 10
-    # 2 Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3. On 1 draw a step costs 1.9 s
-    # on 2 cores, against 11.4 s for 3 Newton steps on 4 draws at γ = 1 (bench/results/
-    # cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl). γ = 5 was stationary early
-    # (5.9 % fallbacks in epoch 1) but left 47 % of the examples non-stationary by step 1 781
-    # (KL 11); on the same batches γ = 20 left 8 %, at the same cost and refinement gain
-    # (bench/results/cpu-ptb-savae-newton-stationarity-2026-12-03.jsonl).
+    # 3 line-searched Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3. On 1 draw a
+    # step costs a sixth of 3 Newton steps on 4 draws at γ = 1 (bench/results/
+    # cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl). Plain Newton (no line
+    # search) stopped being stationary as the KL grew: 2 steps at γ = 5 left 47 % of the
+    # examples non-stationary by step 1 781 (bench/results/
+    # cpu-ptb-savae-newton-stationarity-2026-12-03.jsonl), at γ = 20 19 % by step 2 351.
+    # On those batches at step 2 351, 2 line-searched steps left 8 % and 3 left 2 %, and
+    # the refinement gained twice as much (bench/results/
+    # cpu-ptb-savae-newton-ls-2026-12-03.jsonl).
     run ptb-savae-implicit 500 "${common[@]}" --model savae --grad implicit \
-        --svi-optimizer newton --svi-steps 2 --samples 1 --prox 20 --cg-tol 1e-3
+        --svi-optimizer newton-ls --svi-steps 3 --samples 1 --prox 20 --cg-tol 1e-3
     # Optional in issue 16 ("if the budget allows"), so last: SA-VAE's own refinement, SGD
     # K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
     run ptb-savae-unrolled 500 "${common[@]}" --model savae --grad unrolled --svi-steps 10

@@ -357,12 +357,19 @@ fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
 /// Whole text steps give the same loss and gradients on the analytic and the autograd
 /// path (f64, dropout on): the vae step (the encoder's hand backward), implicit SA-VAE
 /// with either encoder loss, vae-svi at B = 3 and at B = 34 (two row blocks); unrolled
-/// SA-VAE and Newton refinement at B = 3.
+/// SA-VAE, Newton refinement and implicit SA-VAE on the line-searched Newton refinement
+/// (PTB's recipe) at B = 3.
 #[test]
 fn text_training_steps_agree_on_both_paths() {
     let newton = {
         let mut c = step_cfg(Mode::VaeSvi, 4);
         c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);
+        c
+    };
+    let implicit_newton_ls = {
+        let mut c = step_cfg(savae_implicit(HvpKind::Exact), 3);
+        c.svi.optimizer = savae_inference::SviMethod::NewtonLs.with_lr(1.0);
+        c.svi.prox = 20.0;
         c
     };
     let own_encoder = match savae_implicit(HvpKind::Exact) {
@@ -384,6 +391,7 @@ fn text_training_steps_agree_on_both_paths() {
             cases.extend([
                 ("unrolled", step_cfg(savae_unrolled(), 30)),
                 ("newton", newton),
+                ("implicit, newton-ls", implicit_newton_ls),
             ]);
         }
         for (name, base) in cases {

@@ -88,7 +88,7 @@ pub struct EvalArgs {
     /// SVI refinement steps (default: the checkpoint's).
     #[arg(long)]
     svi_steps: Option<usize>,
-    /// SVI refinement optimizer: sgd | adam | newton, at the checkpoint's --svi-lr
+    /// SVI refinement optimizer: sgd | adam | newton | newton-ls, at the checkpoint's --svi-lr
     /// (default: the checkpoint's), so that models trained with different refinements
     /// can be scored by the same one.
     #[arg(long, value_enum)]

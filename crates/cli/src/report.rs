@@ -761,6 +761,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         r.svi_steps,
         match r.svi_optimizer {
             "newton" => "Newton",
+            "newton-ls" => "line-searched Newton",
             "adam" => "Adam",
             _ => "SGD",
         },

@@ -7,6 +7,12 @@
 //! depends on the others in its batch. Adam uses the usual bias-corrected moments per
 //! coordinate. Early stop: when every example's ‖∇F_b(λ_k)‖ is below `tol`.
 //! Examples whose λ or f becomes non-finite are reset to λ0 and counted.
+//!
+//! Newton (see [`SviOptimizer::Newton`]) steps along d = ((γ + δ)I − H)⁻¹ ∇F. Optionally
+//! each example backtracks (Armijo): the step t·d is taken with the largest t ∈ {1, ½, ¼, …}
+//! such that F(λ + t d) ≥ F(λ) + c t ∇F·d. A trial point's evaluation is the next step's
+//! (the value, gradient and Hessian it needs are the same), so a step every example
+//! accepts at t = 1 costs nothing more than plain Newton.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -32,10 +38,31 @@ pub enum SviOptimizer {
         lr: f64,
         cg_iters: usize,
         max_step: f64,
+        /// Per-example backtracking on F (None: the full step, always).
+        line_search: Option<Backtracking>,
     },
 }
 
-/// Which inner optimizer, by name (`sgd`, `adam`, `newton`): the option a user sets.
+/// Per-example Armijo backtracking of a Newton step: halve t while
+/// F(λ + t d) < F(λ) + `armijo` · t · ∇F·d, at most `max_halvings` times (the last trial is
+/// taken whatever it gives).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backtracking {
+    pub max_halvings: usize,
+    pub armijo: f64,
+}
+
+impl Default for Backtracking {
+    fn default() -> Self {
+        Self {
+            max_halvings: 4,
+            armijo: 1e-4,
+        }
+    }
+}
+
+/// Which inner optimizer, by name (`sgd`, `adam`, `newton`, `newton-ls`): the option a
+/// user sets.
 /// [`SviMethod::with_lr`] gives the optimizer with its SA-VAE / PyTorch defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -47,6 +74,10 @@ pub enum SviMethod {
     Adam,
     /// Damped Newton ascent: CG on exact Hessian-vector products, steps capped at 2.
     Newton,
+    /// Newton with a per-example backtracking (Armijo) line search on F.
+    #[serde(rename = "newton-ls")]
+    #[cfg_attr(feature = "clap", value(name = "newton-ls"))]
+    NewtonLs,
 }
 
 impl SviMethod {
@@ -68,6 +99,13 @@ impl SviMethod {
                 lr,
                 cg_iters: 10,
                 max_step: 2.0,
+                line_search: None,
+            },
+            Self::NewtonLs => SviOptimizer::Newton {
+                lr,
+                cg_iters: 10,
+                max_step: 2.0,
+                line_search: Some(Backtracking::default()),
             },
         }
     }
@@ -78,19 +116,25 @@ impl SviMethod {
             Self::Sgd => "sgd",
             Self::Adam => "adam",
             Self::Newton => "newton",
+            Self::NewtonLs => "newton-ls",
         }
     }
 }
 
 impl SviOptimizer {
-    /// `sgd`, `adam` or `newton` with the SA-VAE / PyTorch defaults and learning rate `lr`.
+    /// `sgd`, `adam`, `newton` or `newton-ls` with the SA-VAE / PyTorch defaults and
+    /// learning rate `lr`.
     pub fn parse(name: &str, lr: f64) -> Result<Self> {
         let method = match name {
             "sgd" => SviMethod::Sgd,
             "adam" => SviMethod::Adam,
             "newton" => SviMethod::Newton,
+            "newton-ls" => SviMethod::NewtonLs,
             other => {
-                bail!("refinement optimizer {other:?} is unknown: expected sgd, adam or newton")
+                bail!(
+                    "refinement optimizer {other:?} is unknown: expected sgd, adam, newton or \
+                     newton-ls"
+                )
             }
         };
         Ok(method.with_lr(lr))
@@ -101,7 +145,13 @@ impl SviOptimizer {
         match self {
             Self::Sgd { .. } => SviMethod::Sgd,
             Self::Adam { .. } => SviMethod::Adam,
-            Self::Newton { .. } => SviMethod::Newton,
+            Self::Newton {
+                line_search: None, ..
+            } => SviMethod::Newton,
+            Self::Newton {
+                line_search: Some(_),
+                ..
+            } => SviMethod::NewtonLs,
         }
     }
 
@@ -146,6 +196,8 @@ pub struct Refinement {
     pub final_grad_norm: Vec<f64>,
     /// Examples reset to λ0 because they diverged.
     pub resets: usize,
+    /// Halvings of the Newton line search, summed over examples and steps.
+    pub backtracks: usize,
     /// For the unrolled backward (SGD only, when asked): λ_0..λ_{K−1} and each step's
     /// per-example clip scale `[B, 1]`.
     pub path: Option<Vec<(Tensor, Tensor)>>,
@@ -186,19 +238,30 @@ pub fn refine_with_hvp(
     let mut means = Vec::with_capacity(cfg.steps + 1);
     let mut maxes = Vec::with_capacity(cfg.steps + 1);
     let mut last_norms_t = None;
-    for k in 0..=cfg.steps {
-        let (values, g, op) = match (cfg.optimizer, hvp) {
+    let mut backtracks = 0;
+    // λ ↦ (f(λ), ∇f(λ), H_f(λ)) where step k needs the Hessian (a Newton step follows),
+    // else (f, ∇f).
+    let evaluate = |lambda: &Tensor, k: usize| -> Result<Evaluation> {
+        match (cfg.optimizer, hvp) {
             (SviOptimizer::Newton { .. }, Some(h)) if k < cfg.steps => {
-                let (v, g, op) = h(&lambda)?;
-                (v, g, Some(op))
+                let (v, g, op) = h(lambda)?;
+                Ok((v, g, Some(op)))
             }
             (SviOptimizer::Newton { .. }, None) => {
                 bail!("internal: the Newton refinement needs Hessian-vector products")
             }
             _ => {
-                let (v, g) = grad_fn(&lambda)?;
-                (v, g, None)
+                let (v, g) = grad_fn(lambda)?;
+                Ok((v, g, None))
             }
+        }
+    };
+    // The line search's accepted trial: already evaluated at the next λ.
+    let mut pending: Option<Evaluation> = None;
+    for k in 0..=cfg.steps {
+        let (values, g, op) = match pending.take() {
+            Some(e) => e,
+            None => evaluate(&lambda, k)?,
         };
         let g = if cfg.prox > 0.0 {
             (g - ((&lambda - &lambda0)? * cfg.prox)?)?
@@ -238,6 +301,7 @@ pub fn refine_with_hvp(
                 lr,
                 cg_iters,
                 max_step,
+                line_search,
             } => {
                 let op = op.ok_or_else(|| anyhow::anyhow!("internal: no HVP operator"))?;
                 let solve = ShiftedSolve {
@@ -251,7 +315,27 @@ pub fn refine_with_hvp(
                 let sol = solve_adjoint(op.as_ref(), &g, cfg.prox, &solve, &[])?;
                 let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
                 let cap = (dn.recip()? * max_step)?.clamp(0.0, 1.0)?;
-                lambda = (&lambda + (sol.u.broadcast_mul(&cap)? * lr)?)?;
+                let d = (sol.u.broadcast_mul(&cap)? * lr)?;
+                match line_search {
+                    None => lambda = (&lambda + d)?,
+                    Some(ls) => {
+                        let f0 = proximal_objective(&values, &lambda, &lambda0, cfg.prox)?;
+                        let (next, e, halvings) = backtrack(
+                            &evaluate,
+                            k + 1,
+                            &lambda,
+                            &lambda0,
+                            cfg.prox,
+                            &f0,
+                            &g,
+                            &d,
+                            &ls,
+                        )?;
+                        lambda = next;
+                        pending = Some(e);
+                        backtracks += halvings;
+                    }
+                }
             }
             SviOptimizer::Adam {
                 lr,
@@ -310,6 +394,71 @@ pub fn refine_with_hvp(
         trace,
         final_grad_norm: last_norms,
         resets,
+        backtracks,
         path,
     })
+}
+
+/// (f(λ): [B], ∇_λ Σ f: [B, n], H_f(λ) where asked for).
+type Evaluation = (Tensor, Tensor, Option<Box<dyn BatchedOperator>>);
+
+/// F(λ) = f(λ) − γ/2 ‖λ − λ0‖² per example: `[B, 1]`.
+fn proximal_objective(
+    values: &Tensor,
+    lambda: &Tensor,
+    lambda0: &Tensor,
+    prox: f64,
+) -> Result<Tensor> {
+    let f = values.reshape((values.elem_count(), 1))?;
+    if prox > 0.0 {
+        let sq = (lambda - lambda0)?.sqr()?.sum_keepdim(1)?;
+        Ok((f - (sq * (prox / 2.0))?)?)
+    } else {
+        Ok(f)
+    }
+}
+
+/// Per-example Armijo backtracking from `lambda` along `d` (an ascent direction of F,
+/// whose gradient there is `g`, value `f0: [B, 1]`): returns the accepted λ, its
+/// evaluation (for step `next_k`) and the number of halvings taken over the examples.
+#[allow(clippy::too_many_arguments)]
+fn backtrack(
+    evaluate: &dyn Fn(&Tensor, usize) -> Result<Evaluation>,
+    next_k: usize,
+    lambda: &Tensor,
+    lambda0: &Tensor,
+    prox: f64,
+    f0: &Tensor,
+    g: &Tensor,
+    d: &Tensor,
+    ls: &Backtracking,
+) -> Result<(Tensor, Evaluation, usize)> {
+    // Armijo's bound per unit step: c ∇F·d, [B, 1].
+    let slope = ((g * d)?.sum_keepdim(1)? * ls.armijo)?;
+    let mut t = f0.ones_like()?;
+    let mut halvings = 0;
+    let mut trial = 0;
+    loop {
+        let candidate = (lambda + d.broadcast_mul(&t)?)?;
+        let e = evaluate(&candidate, next_k)?;
+        if trial == ls.max_halvings {
+            return Ok((candidate, e, halvings));
+        }
+        let f1 = proximal_objective(&e.0, &candidate, lambda0, prox)?;
+        // Accepted where F rose by Armijo's margin (a NaN compares false: rejected).
+        let ok = f1.ge(&(f0 + (&slope * &t)?)?)?;
+        let rejected = ok
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .iter()
+            .filter(|&&a| a == 0.0)
+            .count();
+        if rejected == 0 {
+            return Ok((candidate, e, halvings));
+        }
+        halvings += rejected;
+        t = ok.where_cond(&t, &(&t * 0.5)?)?;
+        trial += 1;
+    }
 }

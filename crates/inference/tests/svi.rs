@@ -182,3 +182,109 @@ fn newton_reaches_the_optimum_of_a_nonquadratic_objective_in_a_few_steps() {
         "SGD unexpectedly converged in 8 steps"
     );
 }
+
+/// A value-and-gradient function and its Hessian oracle (exact, by double backward) for
+/// `f: λ [B, n] ↦ [B]`, each counting its calls in `calls`.
+#[allow(clippy::type_complexity)]
+fn oracles<'a>(
+    f: &'a dyn Fn(&Tensor) -> Result<Tensor>,
+    calls: &'a std::cell::Cell<usize>,
+) -> (
+    impl Fn(&Tensor) -> Result<(Tensor, Tensor)> + 'a,
+    impl Fn(&Tensor) -> Result<(Tensor, Tensor, Box<dyn savae_implicit::BatchedOperator>)> + 'a,
+) {
+    use savae_implicit::{value_and_grad, ExactHvp};
+    let grad_fn = move |l: &Tensor| -> Result<(Tensor, Tensor)> {
+        calls.set(calls.get() + 1);
+        let vg = value_and_grad(f, l)?;
+        Ok((vg.values.detach(), vg.grad.detach()))
+    };
+    let oracle = move |l: &Tensor| {
+        calls.set(calls.get() + 1);
+        let vg = value_and_grad(f, l)?;
+        let (v, g) = (vg.values.detach(), vg.grad.detach());
+        let op: Box<dyn savae_implicit::BatchedOperator> = Box::new(ExactHvp {
+            lambda: vg.lambda,
+            grad: vg.grad,
+        });
+        Ok((v, g, op))
+    };
+    (grad_fn, oracle)
+}
+
+#[test]
+fn newton_line_search_converges_where_the_full_step_diverges_and_costs_nothing_when_unused() {
+    use savae_inference::refine_with_hvp;
+    savae_implicit::enable_second_order();
+    // f_b(λ) = −√(1 + (λ − c_b)²): concave, maximum at c_b. The full Newton step maps
+    // x = λ − c to −x³, so from x = 1.5 (steps uncapped) plain Newton
+    // diverges. Example 1
+    // starts at x = 0.25, where the full step converges; its refinement must not depend on
+    // example 0's backtracking.
+    let c = Tensor::new(&[[0.0f64], [-0.25]], &Device::Cpu).unwrap();
+    let f = |l: &Tensor| -> Result<Tensor> { Ok(((l - &c)?.sqr()? + 1.0)?.sqrt()?.neg()?.sum(1)?) };
+    let l0 = Tensor::new(&[[1.5f64], [0.0]], &Device::Cpu).unwrap();
+    let calls = std::cell::Cell::new(0);
+    let (grad_fn, oracle) = oracles(&f, &calls);
+    let run = |name: &str| {
+        let opt = match SviOptimizer::parse(name, 1.0).unwrap() {
+            SviOptimizer::Newton {
+                lr,
+                cg_iters,
+                line_search,
+                ..
+            } => SviOptimizer::Newton {
+                lr,
+                cg_iters,
+                max_step: f64::INFINITY,
+                line_search,
+            },
+            other => other,
+        };
+        refine_with_hvp(&grad_fn, Some(&oracle), &l0, &cfg(opt, 8, 0.0, 0.0), false).unwrap()
+    };
+    let plain = run("newton");
+    let ls = run("newton-ls");
+    // (It oscillates outward until δ = 1e-3 of the damping bounds the step, far from 0.)
+    let lp = plain.lambda.to_vec2::<f64>().unwrap();
+    assert!(
+        lp[0][0].abs() > 10.0 && plain.final_grad_norm[0] > 0.9,
+        "plain Newton should move away from the optimum from 1.5: {lp:?}"
+    );
+    assert_eq!(plain.backtracks, 0);
+    assert!(ls.backtracks >= 1, "the line search never backtracked");
+    let got = ls.lambda.to_vec2::<f64>().unwrap();
+    assert!(got[0][0].abs() < 1e-9, "newton-ls: {got:?}");
+    assert!((got[1][0] + 0.25).abs() < 1e-9, "newton-ls: {got:?}");
+    assert!(ls.final_grad_norm.iter().all(|&g| g < 1e-9));
+
+    // Where every full step raises F (−cosh, from 0), the line search takes the same
+    // steps as plain Newton with the same number of evaluations: its accepted trial is
+    // the next step's evaluation.
+    let c = Tensor::new(&[[0.5f64, -1.0], [1.5, 0.25]], &Device::Cpu).unwrap();
+    let f = |l: &Tensor| -> Result<Tensor> {
+        let d = (l - &c)?;
+        Ok(((d.exp()? + d.neg()?.exp()?)? * -0.5)?.sum(1)?)
+    };
+    let l0 = Tensor::zeros((2, 2), candle_core::DType::F64, &Device::Cpu).unwrap();
+    let mut out = vec![];
+    for name in ["newton", "newton-ls"] {
+        let calls = std::cell::Cell::new(0);
+        let (grad_fn, oracle) = oracles(&f, &calls);
+        let opt = SviOptimizer::parse(name, 1.0).unwrap();
+        let r =
+            refine_with_hvp(&grad_fn, Some(&oracle), &l0, &cfg(opt, 4, 1.0, 0.0), false).unwrap();
+        out.push((
+            r.lambda.to_vec2::<f64>().unwrap(),
+            r.backtracks,
+            calls.get(),
+        ));
+    }
+    assert_eq!(out[1].1, 0, "no step should have been rejected");
+    assert_eq!(out[0].0, out[1].0, "same steps");
+    assert_eq!(out[0].2, out[1].2, "same number of evaluations");
+    assert_eq!(
+        out[1].2, 5,
+        "K = 4 steps: 4 Hessian points and the last gradient"
+    );
+}

@@ -106,8 +106,9 @@ settings! {
     svi_steps: one usize = 10;
     /// Step size of the refinement.
     svi_lr: one f64 = 1.0;
-    /// Refinement optimizer: sgd (momentum 0.5, clip 5, on the batch-mean loss), adam, or
-    /// newton (CG on exact Hessian-vector products).
+    /// Refinement optimizer: sgd (momentum 0.5, clip 5, on the batch-mean loss), adam,
+    /// newton (CG on exact Hessian-vector products), or newton-ls (newton with a
+    /// per-example backtracking line search on F).
     #[arg(value_enum)]
     svi_optimizer: one SviMethod = SviMethod::Sgd;
     /// Early stop of the refinement when every ‖∇F_b‖ is below this (0: never).

@@ -56,7 +56,7 @@ pub struct EvalReport {
     /// Mean ‖∇F(λ_K)‖ after the refinement.
     pub svi_grad_norm: f64,
     pub svi_steps: usize,
-    /// The refinement's optimizer (`sgd`, `adam`, `newton`).
+    /// The refinement's optimizer (`sgd`, `adam`, `newton`, `newton-ls`).
     pub svi_optimizer: &'static str,
     /// The refinement's proximal weight γ.
     pub svi_prox: f64,

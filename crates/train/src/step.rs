@@ -104,6 +104,8 @@ pub struct SviStats {
     pub final_grad_norm_max: f64,
     pub final_grad_norm_mean: f64,
     pub resets: usize,
+    /// Halvings of the Newton line search (`newton-ls`), over examples and steps.
+    pub backtracks: usize,
 }
 
 /// Adjoint-solve diagnostics of a step.
@@ -425,6 +427,7 @@ fn svi_stats(r: &Refinement) -> SviStats {
         final_grad_norm_max: finite.iter().copied().fold(0.0, f64::max),
         final_grad_norm_mean: finite.iter().sum::<f64>() / finite.len().max(1) as f64,
         resets: r.resets,
+        backtracks: r.backtracks,
     }
 }
 
