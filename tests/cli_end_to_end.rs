@@ -175,6 +175,10 @@ fn checkpoint_has_documented_names_and_metadata_and_eval_prints_all_fields() {
         (erw - er).abs() > 1e-6,
         "newton refined {erw} = sgd refined {er}"
     );
+    // The line-searched Newton parses as the name it prints.
+    let ls: serde_json::Value = serde_json::from_str(ok(&with("newton-ls")).trim()).unwrap();
+    assert_eq!(ls["svi_optimizer"], "newton-ls");
+    assert!(ls["elbo_refined"].as_f64().unwrap().is_finite(), "{ls}");
     // `--prox` likewise: the checkpoint's γ (1) by default, another on request.
     assert_eq!(v["svi_prox"], 1.0);
     let p: serde_json::Value =
