@@ -3,13 +3,16 @@
 //! Given a per-example objective f(λ) = ELBO_S(λ) with the noise ε held fixed (so f is
 //! deterministic), refine a batch `λ: [B, n]` by K steps of gradient ascent on
 //!   F(λ) = f(λ) − (γ/2) ‖λ − λ0‖²
-//! with SGD with momentum (the SA-VAE scheme) or Adam ([`svi`]), and differentiate the
-//! unrolled SGD recursion in reverse mode ([`unrolled`], Algorithm 1 of Kim et al. 2018).
+//! with SGD with momentum (the SA-VAE scheme), Adam, or damped Newton steps on
+//! Hessian-vector products, optionally with a per-example backtracking line search
+//! ([`svi`]), and differentiate the unrolled SGD recursion in reverse mode ([`unrolled`],
+//! Algorithm 1 of Kim et al. 2018).
 
 pub mod svi;
 pub mod unrolled;
 
 pub use svi::{
-    refine, refine_with_hvp, HvpOracle, Refinement, SviConfig, SviMethod, SviOptimizer, SviStep,
+    refine, refine_with_hvp, Backtracking, HvpOracle, Refinement, SviConfig, SviMethod,
+    SviOptimizer, SviStep,
 };
 pub use unrolled::{unrolled_backward, UnrolledGrad};
