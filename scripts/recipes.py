@@ -64,6 +64,8 @@ def run_recipe(savae, ck, beta, lr, seconds, name, flags):
             "grad_norm_final_max": [round(v.get("final_grad_norm_max", float("nan")), 3)
                                     for v in svi],
             "cg_iters_mean": [c.get("iters_mean") for c in cg],
+            # Halvings of newton-ls's line search, over examples and steps.
+            "backtracks": [v.get("backtracks") for v in svi],
             "loss": [round(s["loss"], 2) for s in steps],
             # What the refinement bought: ELBO at λ_K minus ELBO at λ0, nats per example.
             "refine_gain": [round(s["elbo_refined"] - s["elbo_amortized"], 3)

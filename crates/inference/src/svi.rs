@@ -44,8 +44,9 @@ pub enum SviOptimizer {
 }
 
 /// Per-example Armijo backtracking of a Newton step: halve t while
-/// F(λ + t d) < F(λ) + `armijo` · t · ∇F·d, at most `max_halvings` times (the last trial is
-/// taken whatever it gives).
+/// F(λ + t d) < F(λ) + `armijo` · t · ∇F·d − 8u|F(λ)| (u the unit roundoff of the dtype: a
+/// gain below F's rounding is no evidence of a bad step), at most `max_halvings` times (the
+/// last trial is taken whatever it gives).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backtracking {
     pub max_halvings: usize,
@@ -399,6 +400,17 @@ pub fn refine_with_hvp(
     })
 }
 
+/// The unit roundoff of `dtype` (half the gap between 1 and the next number).
+fn unit_roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::EPSILON / 2.0,
+        DType::F32 => f32::EPSILON as f64 / 2.0,
+        // Half-precision types: 2^-11 (f16), 2^-8 (bf16).
+        DType::F16 => 4.9e-4,
+        _ => 3.9e-3,
+    }
+}
+
 /// (f(λ): [B], ∇_λ Σ f: [B, n], H_f(λ) where asked for).
 type Evaluation = (Tensor, Tensor, Option<Box<dyn BatchedOperator>>);
 
@@ -445,8 +457,12 @@ fn backtrack(
             return Ok((candidate, e, halvings));
         }
         let f1 = proximal_objective(&e.0, &candidate, lambda0, prox)?;
-        // Accepted where F rose by Armijo's margin (a NaN compares false: rejected).
-        let ok = f1.ge(&(f0 + (&slope * &t)?)?)?;
+        // Accepted where F rose by Armijo's margin, up to the rounding of F itself: near
+        // the optimum a step's true gain falls below one ulp of F (f32: 1e-5 at F ≈ 100),
+        // and comparing rounded values would reject it for noise and halve for nothing.
+        // A NaN compares false: rejected.
+        let rounding = (f0.abs()? * (8.0 * unit_roundoff(f0.dtype())))?;
+        let ok = f1.ge(&((f0 + (&slope * &t)?)? - rounding)?)?;
         let rejected = ok
             .to_dtype(DType::F64)?
             .flatten_all()?
