@@ -66,7 +66,7 @@ if [ "$what" = mnist ] || [ "$what" = all ]; then
     # Newton refinement: SGD's K steps do not reach the stationary point the implicit
     # gradient needs; 6 steps, because 3 fell behind the moving decoder (README, Status).
     # With the line search: on the unrolled run's weights after 4 epochs, plain Newton left
-    # 7 % of the images non-stationary, newton-ls 0.3 % at 1.2× the cost (bench/results/
+    # 7 % of the images non-stationary, newton-ls 0.3 % at 1.15× the cost (bench/results/
     # cpu-mnist-savae-newton-ls-2026-12-03.jsonl).
     # The encoder on its own ELBO: through the refinement it fell behind (README, Results).
     run mnist-savae-implicit 5000 "${common[@]}" --model savae --grad implicit \
