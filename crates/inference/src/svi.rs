@@ -32,8 +32,9 @@ pub enum SviOptimizer {
     },
     /// Damped Newton ascent with exact Hessian-vector products: per example solve
     /// (γ + δ − H) d = ∇F by CG (`cg_iters` iterations, δ = 1e-3; a failed solve falls
-    /// back to d = ∇F/(γ+δ)), cap ‖d‖ at `max_step`, and step λ += lr·d. It reaches
-    /// stationarity in a few steps where SGD does not, which the implicit gradient needs.
+    /// back to d = ∇F/(γ+δ)), cap ‖d‖ at `max_step`, and step λ += t·lr·d with t = 1, or
+    /// with `line_search` the per-example backtracked t. It reaches stationarity in a few
+    /// steps where SGD does not, which the implicit gradient needs.
     Newton {
         lr: f64,
         cg_iters: usize,
