@@ -122,6 +122,29 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
+    // The epoch records agree too: the interrupted epoch's counters and training ELBO are
+    // carried through the checkpoint, not restarted at the resume.
+    let epochs = |d: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "epoch")
+            .collect()
+    };
+    let (es, ec) = (epochs(&straight), epochs(&cut));
+    assert_eq!(es.len(), 3);
+    assert_eq!(ec.len(), 3);
+    let counters = ["not_stationary", "cg_fallbacks", "svi_resets", "train_elbo"];
+    assert!(
+        es.iter().any(|e| e["not_stationary"].as_u64().unwrap() > 0),
+        "the tiny run should have non-stationary examples, or this check is empty: {es:?}"
+    );
+    for (s, c) in es.iter().zip(&ec) {
+        for k in counters {
+            assert_eq!(s[k], c[k], "epoch {}: {k}", s["epoch"]);
+        }
+    }
     let (a, b) = (
         tensors(&straight.join("last.safetensors")),
         tensors(&cut.join("last.safetensors")),

@@ -58,6 +58,12 @@ pub struct CheckpointMeta {
     pub epoch_loss_sum: f64,
     #[serde(default)]
     pub epoch_examples: usize,
+    /// The interrupted epoch's statistics whole (loss sum, examples, fault and
+    /// stationarity counters, seconds so far); absent at an epoch boundary and in
+    /// checkpoints written before they were carried. `epoch_loss_sum` and
+    /// `epoch_examples` repeat two of them for older readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_stats: Option<crate::trainer::EpochStats>,
     #[serde(default)]
     pub skipped_batches: usize,
     pub savae_version: String,

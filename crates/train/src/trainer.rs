@@ -75,8 +75,11 @@ pub const RESUMABLE_CHANGES: &[&str] = &[
     "passes",
 ];
 
-/// Σ loss · examples, examples and the numerical-fault counters of the current epoch.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Σ loss · examples, examples and the numerical-fault counters of the current epoch, and
+/// the seconds it ran in earlier processes: an interrupted epoch's checkpoint carries them,
+/// so that the epoch's record after a resume counts the whole epoch.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct EpochStats {
     pub loss_sum: f64,
     pub examples: usize,
@@ -86,6 +89,8 @@ pub struct EpochStats {
     pub cg_retried: usize,
     pub cg_fallbacks: usize,
     pub not_stationary: usize,
+    /// Wall seconds of this epoch spent before the last resume.
+    pub seconds_before: f64,
 }
 
 impl EpochStats {
@@ -142,11 +147,12 @@ impl TrainState {
             best_valid_elbo: meta.best_valid_elbo,
             best_epoch: meta.best_epoch.or(meta.best_valid_elbo.map(|_| meta.epoch)),
             skipped_batches: meta.skipped_batches,
-            epoch_stats: EpochStats {
+            // Checkpoints before the counters were carried hold only the loss sum.
+            epoch_stats: meta.epoch_stats.clone().unwrap_or(EpochStats {
                 loss_sum: meta.epoch_loss_sum,
                 examples: meta.epoch_examples,
                 ..EpochStats::default()
-            },
+            }),
         }
     }
 
@@ -177,6 +183,7 @@ impl TrainState {
             best_epoch: self.best_epoch,
             epoch_loss_sum: self.epoch_stats.loss_sum,
             epoch_examples: self.epoch_stats.examples,
+            epoch_stats: (self.epoch_stats.examples > 0).then(|| self.epoch_stats.clone()),
             skipped_batches: self.skipped_batches,
             savae_version: env!("CARGO_PKG_VERSION").into(),
             vocab,
@@ -685,6 +692,7 @@ impl Trainer {
         for (bi, idx) in batches.iter().enumerate().skip(start_batch) {
             if bi > start_batch && obs.stop_requested() {
                 self.state.batch = bi;
+                self.state.epoch_stats.seconds_before += te.elapsed().as_secs_f64();
                 checkpoint::save(
                     &self.opts.last_path(),
                     &self.model,
@@ -811,7 +819,7 @@ impl Trainer {
             valid: &v,
             valid_elbo: vel,
             improved,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: stats.seconds_before + started.elapsed().as_secs_f64(),
             skipped_batches: self.state.skipped_batches,
         })
     }
