@@ -6,7 +6,8 @@
 Reads RUNS_DIR/<name>/metrics.jsonl (epoch lines) and, once the run is done,
 RUNS_DIR/<name>/test.json (`savae eval` on the test split). Prints JSON lines, or with
 --markdown the rows of the README's results table. Training time is the sum of the epochs'
-wall time (validation included; an epoch cut by an interruption is not counted).
+wall time (validation included; an epoch resumed from a checkpoint written before savae
+carried `epoch_stats` counts only from the resume, and so do its counters).
 """
 import json
 import os
@@ -41,6 +42,8 @@ def summarize(name, run_dir):
         "best_epoch": best[-1]["epoch"] if best else None,
         "train_hours": round(sum(e["epoch_seconds"] for e in epochs) / 3600, 2),
         "step_heap_peak_mib": round(max(heap), 1) if heap else None,
+        # Examples that took the implicit gradient's non-stationary fallback, per epoch.
+        "not_stationary_by_epoch": [e.get("not_stationary", 0) for e in epochs],
         "valid_at_best": None,
         "test": None,
     }
