@@ -663,7 +663,7 @@ fn patience_stops_a_run_that_no_longer_improves() {
 /// gradient's does not; the epoch line carries the epoch's largest step heap.
 #[test]
 fn step_lines_report_the_heap_which_grows_with_k_only_when_unrolled() {
-    let last_step_heap = |grad: &str, k: &str| -> f64 {
+    let least_step_heap = |grad: &str, k: &str| -> f64 {
         let d = tmpdir(&format!("heap-{grad}-{k}"));
         // TINY with this K in place of its --svi-steps.
         let at = TINY.iter().position(|&a| a == "--svi-steps").unwrap();
@@ -693,15 +693,19 @@ fn step_lines_report_the_heap_which_grows_with_k_only_when_unrolled() {
         );
         assert!(steps.contains(&epoch), "{steps:?} vs {epoch}");
         let _ = std::fs::remove_dir_all(&d);
-        *steps.last().unwrap()
+        // The smallest step's: the count is process-wide, and when the worker threads
+        // allocate and free their buffers lifts a step's peak by 0.03–0.17 MiB at random
+        // (0.571 → 0.741 MiB at K = 60, in any step, sometimes in half of them); the
+        // lower envelope is the step's own need. One step's figure made this test flaky.
+        steps.iter().cloned().fold(f64::INFINITY, f64::min)
     };
     let (u3, u60) = (
-        last_step_heap("unrolled", "3"),
-        last_step_heap("unrolled", "60"),
+        least_step_heap("unrolled", "3"),
+        least_step_heap("unrolled", "60"),
     );
     let (i3, i60) = (
-        last_step_heap("implicit", "3"),
-        last_step_heap("implicit", "60"),
+        least_step_heap("implicit", "3"),
+        least_step_heap("implicit", "60"),
     );
     assert!(u60 > 5.0 * u3, "unrolled: K=3 {u3} MiB, K=60 {u60} MiB");
     assert!(
