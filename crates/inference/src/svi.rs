@@ -83,6 +83,9 @@ pub enum SviMethod {
 }
 
 impl SviMethod {
+    /// Every method, in the order the help lists them.
+    pub const ALL: [SviMethod; 4] = [Self::Sgd, Self::Adam, Self::Newton, Self::NewtonLs];
+
     /// The optimizer with learning rate `lr` and this method's defaults.
     pub fn with_lr(self, lr: f64) -> SviOptimizer {
         match self {
@@ -127,17 +130,12 @@ impl SviOptimizer {
     /// `sgd`, `adam`, `newton` or `newton-ls` with the SA-VAE / PyTorch defaults and
     /// learning rate `lr`.
     pub fn parse(name: &str, lr: f64) -> Result<Self> {
-        let method = match name {
-            "sgd" => SviMethod::Sgd,
-            "adam" => SviMethod::Adam,
-            "newton" => SviMethod::Newton,
-            "newton-ls" => SviMethod::NewtonLs,
-            other => {
-                bail!(
-                    "refinement optimizer {other:?} is unknown: expected sgd, adam, newton or \
-                     newton-ls"
-                )
-            }
+        let Some(method) = SviMethod::ALL.into_iter().find(|m| m.name() == name) else {
+            let names: Vec<&str> = SviMethod::ALL.iter().map(|m| m.name()).collect();
+            bail!(
+                "refinement optimizer {name:?} is unknown: expected one of {}",
+                names.join(", ")
+            )
         };
         Ok(method.with_lr(lr))
     }

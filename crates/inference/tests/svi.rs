@@ -288,3 +288,24 @@ fn newton_line_search_converges_where_the_full_step_diverges_and_costs_nothing_w
         "K = 4 steps: 4 Hessian points and the last gradient"
     );
 }
+
+#[test]
+fn every_refinement_method_parses_from_its_name_and_unknown_names_list_them() {
+    use savae_inference::SviMethod;
+    // Exhaustive: a new method fails to compile here until ALL lists it.
+    let index = |m: SviMethod| match m {
+        SviMethod::Sgd => 0,
+        SviMethod::Adam => 1,
+        SviMethod::Newton => 2,
+        SviMethod::NewtonLs => 3,
+    };
+    for (i, m) in SviMethod::ALL.into_iter().enumerate() {
+        assert_eq!(index(m), i);
+        assert_eq!(SviOptimizer::parse(m.name(), 0.5).unwrap().method(), m);
+    }
+    let err = SviOptimizer::parse("lbfgs", 1.0).unwrap_err().to_string();
+    assert!(
+        err.contains("\"lbfgs\"") && err.contains("sgd, adam, newton, newton-ls"),
+        "{err}"
+    );
+}
