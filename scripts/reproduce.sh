@@ -6,8 +6,10 @@
 # Each model: `savae train` into RUNS_DIR/<name>/ (best checkpoint chosen on the validation
 # split), then `savae eval` of best.safetensors on the test split into
 # RUNS_DIR/<name>/test.json (MNIST: 5000 importance samples; PTB: 500). Re-running skips
-# finished models and resumes interrupted ones. SAVAE (default: the release binary, built
-# first) and DEVICE (default: auto) may be set in the environment; EPOCHS_MNIST and
+# finished models and resumes interrupted ones: from RUNS_DIR or, where RUNS_DIR lacks one,
+# from PARKED_DIR (default bench/parked/, where `scripts/park.sh save` keeps unfinished runs
+# in the repository between sessions). SAVAE (default: the release binary, built first) and
+# DEVICE (default: auto) may be set in the environment; EPOCHS_MNIST and
 # EPOCHS_PTB shorten the runs for a smoke test; ONLY (a regex) restricts the models run.
 # The from-scratch rows stop early once the validation ELBO has not improved for PATIENCE
 # epochs (default 5); best.safetensors is the best epoch either way.
@@ -43,6 +45,11 @@ run() {
         return
     fi
     echo "== $name: savae train $*"
+    # A run parked in the repository by an earlier session (scripts/park.sh) continues
+    # where it stopped, on whatever machine this is.
+    if ! [ -f "$dir/last.safetensors" ] && [ -f "${PARKED_DIR:-bench/parked}/$name/last.safetensors" ]; then
+        scripts/park.sh restore "$name" "$runs"
+    fi
     if [ -f "$dir/last.safetensors" ]; then
         "$SAVAE" train --run-dir "$dir" --resume --device "$device" --epochs "$EPOCHS"
     else

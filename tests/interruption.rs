@@ -237,3 +237,117 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_checkpoint() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scripts/park.sh` from the repository root, with `PARKED_DIR` and `SAVAE` set.
+fn park(args: &[&str], parked: &Path) -> std::process::Output {
+    Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/park.sh"
+        ))
+        .args(args)
+        .env("PARKED_DIR", parked)
+        .env("SAVAE", env!("CARGO_BIN_EXE_savae"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
+    // A session parks its unfinished run in the repository (park.sh save), the next one
+    // gets a machine without runs/ and restores it: the resumed run must be the straight one.
+    let straight = tmpdir("park-straight");
+    let st = bin()
+        .args(train_args(&straight, &["--epochs", "2"]))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let runs = tmpdir("park-runs");
+    let parked = tmpdir("park-parked").join("parked");
+    let run = runs.join("tiny");
+    let first = bin()
+        .args(train_args(&run, &["--epochs", "1"]))
+        .output()
+        .unwrap();
+    assert!(first.status.success());
+    // A finished run (test.json written) is not parked.
+    std::fs::create_dir_all(runs.join("done")).unwrap();
+    std::fs::copy(
+        run.join("last.safetensors"),
+        runs.join("done/last.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(runs.join("done/test.json"), "{}").unwrap();
+
+    let saved = park(&["save", runs.to_str().unwrap()], &parked);
+    let log = String::from_utf8_lossy(&saved.stdout).to_string()
+        + &String::from_utf8_lossy(&saved.stderr);
+    assert!(saved.status.success(), "{log}");
+    assert!(log.contains("1 run(s) parked"), "{log}");
+    assert!(
+        !parked.join("done").exists(),
+        "a finished run was parked: {log}"
+    );
+    let p = parked.join("tiny");
+    for f in ["last.safetensors", "best.safetensors", "metrics.jsonl"] {
+        assert!(p.join(f).is_file(), "{f} not parked: {log}");
+    }
+    // best is parked without Adam's moments (export), last with them (resume needs them).
+    let names = |f: &Path| -> Vec<String> { tensors(f).into_iter().map(|(n, _)| n).collect() };
+    assert!(names(&p.join("last.safetensors"))
+        .iter()
+        .any(|n| n.starts_with("optim.")));
+    assert!(!names(&p.join("best.safetensors"))
+        .iter()
+        .any(|n| n.starts_with("optim.")));
+
+    // The fresh machine: no run folder at all.
+    std::fs::remove_dir_all(&runs).unwrap();
+    let restored = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
+    assert!(
+        restored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    // A second restore leaves the run it finds alone.
+    let again = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("left as it is"));
+    let missing = park(&["restore", "nosuch", runs.to_str().unwrap()], &parked);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nosuch"));
+
+    let resumed = bin()
+        .args([
+            "train",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--resume",
+            "--epochs",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let (a, b) = (
+        tensors(&straight.join("last.safetensors")),
+        tensors(&run.join("last.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, da), (_, db)) in a.iter().zip(&b) {
+        assert!(da == db, "tensor {na} differs after parking and resuming");
+    }
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&runs);
+    let _ = std::fs::remove_dir_all(parked.parent().unwrap());
+}
