@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a machine with an NVIDIA GPU and the driver (no Rust toolchain
-# needed): correctness (gradient check in f64 on CUDA), every training mode and eval on
-# CUDA, the benchmark, then the text model (train, eval, tokens/s). Results go to $OUT
-# (default bench/results/).
+# needed), sized to fit one 10-minute command (about 6 minutes when every step passes):
+#   1. correctness: the three-way gradient check in f64 on CUDA;
+#   2. every training mode, then `savae eval`, on a small MNIST subset on CUDA;
+#   3. `savae bench` on CUDA: MNIST and PTB steps of each mode (time and GPU memory), the
+#      autograd reference at one configuration;
+#   4. the from-scratch recipes of scripts/reproduce.sh (MNIST and PTB, implicit and
+#      unrolled SA-VAE, PTB vae-svi) for 40 training steps each: seconds per step on the GPU,
+#      against the CPU's in bench/results, to say whether a GPU carries the long runs.
+# Results go to $OUT (default bench/results/gpu/): JSON lines per step and log.txt.
 #
-#   scripts/gpu-check.sh [path/to/savae-or-savae.xz]
+#   scripts/gpu-check.sh [path/to/savae-or-savae.xz]   (default .gpu/savae.xz)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 SRC=${1:-.gpu/savae.xz}
 BIN=/tmp/savae-cuda
@@ -16,34 +22,75 @@ case "$SRC" in
   *) cp "$SRC" "$BIN" ;;
 esac
 chmod +x "$BIN"
-# CUDA 13 cuBLAS/cuRAND: from the machine's Python packages if there, else $SAVAE_CUDA_LIBS.
+# DEVICE=cpu and a SCALE below 1 (timeouts scaled) check the script itself off the GPU.
+DEV=${DEVICE:-cuda}
+SCALE=${SCALE:-1}
+# CUDA 13 cuBLAS/cuRAND/NVRTC: from the machine's Python packages if there, else $SAVAE_CUDA_LIBS.
 LIBS=${SAVAE_CUDA_LIBS:-$(ls -d /opt/torch/.venv/lib/python3*/site-packages/nvidia/cu13/lib 2>/dev/null | head -1)}
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LIBS}
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/log.txt"; }
+# run TIMEOUT OUTFILE ARGS...: one savae command, its stdout appended to OUTFILE, stderr
+# to log.txt, its exit status and time logged.
+run() {
+  local t=$1 out=$2
+  shift 2
+  local s
+  s=$(date +%s)
+  timeout "$(python3 -c "print(max(1, round($t * $SCALE)))")" "$BIN" "$@" >>"$OUT/$out" 2>>"$OUT/log.txt"
+  log "exit $? ($(( $(date +%s) - s ))s): savae $*"
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-ldd "$BIN" | grep -E "cuda|cublas|curand" | tee "$OUT/ldd.txt"
-step() { echo "== $*" | tee -a "$OUT/log.txt"; }
-step gradcheck f64 on cuda
-timeout 120 "$BIN" gradcheck --device cuda --examples 4 --fd-params 8 --svi-steps 1500 > "$OUT/gradcheck_cuda.json" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
-cat "$OUT/gradcheck_cuda.json" | cut -c1-400
+ldd "$BIN" | grep -E "cuda|cublas|curand|nvrtc" >>"$OUT/log.txt"
+
+log "1. gradcheck f64 on cuda"
+run 90 gradcheck.json gradcheck --device "$DEV" --examples 4 --fd-params 8 --svi-steps 1500
+
+log "2. every mode on cuda: 1 epoch of 2000 images, then eval"
 for m in "vae" "vae-svi" "savae --grad implicit" "savae --grad unrolled" "svi"; do
-  d=/tmp/run-$(echo $m | tr -d ' -')
-  step train $m on cuda
-  timeout 120 "$BIN" train --device cuda --model $m --epochs 1 --max-train-examples 5000 --valid-examples 1000 \
-    --batch-size 100 --svi-steps 10 --run-dir $d --overwrite --quiet >> "$OUT/train_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
-  timeout 60 "$BIN" eval --device cuda --checkpoint $d/last.safetensors --max-examples 500 --iw-samples 100 --quiet >> "$OUT/eval_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
+  d=/tmp/run-$(echo "$m" | tr -d ' -')
+  run 60 train.jsonl train --device "$DEV" --model $m --epochs 1 --max-train-examples 2000 \
+    --valid-examples 500 --svi-steps 10 --run-dir "$d" --overwrite --quiet
+  run 45 eval.jsonl eval --device "$DEV" --checkpoint "$d/last.safetensors" --max-examples 500 \
+    --iw-samples 100 --quiet
 done
-step bench on cuda
-timeout 300 "$BIN" bench --device cuda --batch 1024,64 --k 20,50,5 --steps 10 --warmup 3 \
-  --passes analytic --modes savae-implicit,savae-unrolled,vae-svi,vae | tee "$OUT/bench_cuda.jsonl"
-echo "exit $?" | tee -a "$OUT/log.txt"
-# The autograd reference at one configuration, for the analytic/autograd ratio on the GPU.
-timeout 120 "$BIN" bench --device cuda --batch 1024 --k 20 --steps 10 --warmup 3 \
-  --passes autograd --modes savae-implicit,savae-unrolled | tee -a "$OUT/bench_cuda.jsonl"
-echo "exit $?" | tee -a "$OUT/log.txt"
-step text on cuda
-timeout 120 "$BIN" train --device cuda --dataset ptb --model savae --epochs 1 --max-train-examples 2000 \
-  --valid-examples 200 --svi-steps 5 --run-dir /tmp/run-ptb --overwrite --quiet >> "$OUT/train_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
-timeout 60 "$BIN" eval --device cuda --checkpoint /tmp/run-ptb/last.safetensors --max-examples 200 --iw-samples 50 --quiet >> "$OUT/eval_cuda.jsonl" 2>>"$OUT/log.txt"; echo "exit $?" | tee -a "$OUT/log.txt"
-timeout 180 "$BIN" bench --device cuda --dataset ptb --k 20 --steps 10 --warmup 2 \
-  --modes lm,vae,savae-implicit,savae-unrolled | tee "$OUT/bench_cuda_ptb.jsonl"
-echo "exit $?" | tee -a "$OUT/log.txt"
+
+log "3. bench on cuda"
+run 90 bench.jsonl bench --device "$DEV" --batch 100,1024 --k 10 --steps 5 --warmup 2 \
+  --passes analytic --modes vae,vae-svi,savae-unrolled,savae-implicit
+run 45 bench.jsonl bench --device "$DEV" --batch 100 --k 10 --steps 5 --warmup 2 \
+  --passes autograd --modes savae-implicit,savae-unrolled
+run 90 bench.jsonl bench --device "$DEV" --dataset ptb --k 10 --steps 5 --warmup 2 \
+  --modes lm,vae,savae-implicit,savae-unrolled
+
+log "4. the from-scratch recipes of reproduce.sh, 40 steps each"
+recipe() { # NAME TIMEOUT FLAGS...
+  local name=$1 t=$2
+  shift 2
+  run "$t" recipes.log train --device "$DEV" --epochs 1 --log-every 5 --run-dir "/tmp/recipe-$name" \
+    --overwrite --quiet "$@"
+  if [ -f "/tmp/recipe-$name/metrics.jsonl" ]; then
+    python3 - "$name" "/tmp/recipe-$name/metrics.jsonl" "$DEV" >>"$OUT/recipes.jsonl" <<'PY'
+import json, sys
+name, path = sys.argv[1], sys.argv[2]
+rows = [json.loads(l) for l in open(path)]
+steps = [r for r in rows if r.get("kind") == "step"]
+epochs = [r for r in rows if r.get("kind") == "epoch"]
+secs = sorted(r["step_seconds"] for r in steps[2:]) or [None]
+print(json.dumps({"recipe": name, "device": sys.argv[3], "logged_steps": len(steps),
+                  "median_step_seconds": secs[len(secs) // 2],
+                  "last_step": steps[-1] if steps else None,
+                  "epoch": epochs[-1] if epochs else None}))
+PY
+  fi
+}
+mn=(--dataset mnist --max-train-examples 4000 --valid-examples 500)
+recipe mnist-savae-implicit 90 "${mn[@]}" --model savae --grad implicit \
+  --svi-optimizer newton-ls --svi-steps 6 --samples 8 --encoder-loss amortized
+recipe mnist-savae-unrolled 60 "${mn[@]}" --model savae --grad unrolled --svi-steps 10 --samples 8
+pt=(--dataset ptb --max-train-examples 1280 --valid-examples 100)
+recipe ptb-savae-implicit 120 "${pt[@]}" --model savae --grad implicit \
+  --svi-optimizer newton-ls --svi-steps 3 --samples 1 --prox 20 --cg-tol 1e-3
+recipe ptb-savae-unrolled 90 "${pt[@]}" --model savae --grad unrolled --svi-steps 10
+recipe ptb-vae-svi 60 "${pt[@]}" --model vae-svi --svi-steps 10
+log "done"

@@ -98,7 +98,13 @@ impl Lstm {
     /// a decoder whose remaining inputs are added separately).
     pub fn project_inputs(&self, x: &Tensor, columns: usize) -> candle_core::Result<Tensor> {
         let (n, t, i) = x.dims3()?;
-        let w = self.weight_ih.narrow(1, 0, columns)?;
+        // A column slice of W_ih is not a layout CUDA's matmul takes (its transpose has a
+        // row stride of I + d, not `columns`): copy it when it is one.
+        let w = if columns == self.weight_ih.dim(1)? {
+            self.weight_ih.clone()
+        } else {
+            self.weight_ih.narrow(1, 0, columns)?.contiguous()?
+        };
         let g = x
             .reshape((n * t, i))?
             .matmul(&w.t()?)?

@@ -97,7 +97,9 @@ impl LstmEncoder {
         let h = self.lstm.hidden_size();
         let zeros = Tensor::zeros((b, h), gx.dtype(), gx.device())?;
         let hs = self.lstm.run(&gx, &zeros, &zeros)?;
-        self.out.forward(&hs.narrow(1, t - 1, 1)?.squeeze(1)?)
+        // contiguous: CUDA's matmul takes a row-strided slice of hs neither as it is
+        // nor transposed (the backward's hᵀ), the CPU's does.
+        self.out.forward(&hs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
     }
 }
 
@@ -157,7 +159,8 @@ impl LstmEncoder {
         let gx = self.lstm.project_inputs(&emb.reshape((b, t, e))?, e)?;
         let zeros = Tensor::zeros((b, h), gx.dtype(), gx.device())?;
         let (hs, lstm) = self.lstm.run_taped(&gx, &zeros, &zeros)?;
-        let h_last = hs.narrow(1, t - 1, 1)?.squeeze(1)?;
+        // contiguous for CUDA's matmul, here and in the backward's upstreamᵀ h_last.
+        let h_last = hs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?;
         let lambda0 = self.out.forward(&h_last)?;
         let h_prev = inputs_of_steps(&zeros, &hs)?;
         Ok((
@@ -269,7 +272,7 @@ impl LstmDecoder {
                     bail!("z has {bz} rows for a batch of {b} sentences");
                 }
                 let zf = z.reshape((s * b, d))?;
-                let w_z = self.lstm.weight_ih.narrow(1, e, d)?;
+                let w_z = self.lstm.weight_ih.narrow(1, e, d)?.contiguous()?;
                 let zw = zf.matmul(&w_z.t()?)?.reshape((s, b, 1, 4 * h))?;
                 let gx = xe
                     .unsqueeze(0)?
