@@ -424,7 +424,11 @@ fn gradcheck_failures_are_explained_and_marked() {
 /// says (test NLL 92.9, 92.1 and 90.8; here a random 200 images and 50 samples, so a band).
 #[test]
 fn the_shipped_mnist_checkpoints_evaluate() {
-    for name in ["mnist-vae", "mnist-savae-unrolled-ft", "mnist-savae-unrolled"] {
+    for name in [
+        "mnist-vae",
+        "mnist-savae-unrolled-ft",
+        "mnist-savae-unrolled",
+    ] {
         let ck = format!(
             "{}/../../checkpoints/{name}.safetensors",
             env!("CARGO_MANIFEST_DIR")

@@ -99,7 +99,8 @@ impl LstmEncoder {
         let hs = self.lstm.run(&gx, &zeros, &zeros)?;
         // contiguous: CUDA's matmul takes a row-strided slice of hs neither as it is
         // nor transposed (the backward's hᵀ), the CPU's does.
-        self.out.forward(&hs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
+        self.out
+            .forward(&hs.narrow(1, t - 1, 1)?.squeeze(1)?.contiguous()?)
     }
 }
 
