@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a machine with an NVIDIA GPU and the driver (no Rust toolchain
-# needed), sized to fit one 10-minute command (about 6 minutes when every step passes):
+# needed), sized to fit one 10-minute command (2 minutes 12 s on an H200 when every step passes):
 #   1. correctness: the three-way gradient check in f64 on CUDA;
 #   2. every training mode, then `savae eval`, on a small MNIST subset on CUDA;
-#   3. `savae bench` on CUDA: MNIST and PTB steps of each mode (time and GPU memory), the
+#   3. `savae bench` on CUDA: MNIST and PTB steps of each mode (time; its GPU memory figure reads
+#      the driver's used memory, which the allocator's pool hides: README, GPU), the
 #      autograd reference at one configuration;
 #   4. the from-scratch recipes of scripts/reproduce.sh (MNIST and PTB, implicit and
 #      unrolled SA-VAE, PTB vae-svi) for 40 training steps each: seconds per step on the GPU,
 #      against the CPU's in bench/results, to say whether a GPU carries the long runs.
+# The recipes' flags repeat reproduce.sh's: change both together.
 # Results go to $OUT (default bench/results/gpu/): JSON lines per step and log.txt.
 #
 #   scripts/gpu-check.sh [path/to/savae-or-savae.xz]   (default .gpu/savae.xz)
