@@ -9,12 +9,13 @@
 #   4. the from-scratch recipes of scripts/reproduce.sh (MNIST and PTB, implicit and
 #      unrolled SA-VAE, PTB vae-svi) for 40 training steps each: seconds per step on the GPU,
 #      against the CPU's in bench/results, to say whether a GPU carries the long runs.
-# The recipes' flags repeat reproduce.sh's: change both together.
+# The recipes' flags are reproduce.sh's, from scripts/models.sh.
 # Results go to $OUT (default bench/results/gpu/): JSON lines per step and log.txt.
 #
 #   scripts/gpu-check.sh [path/to/savae-or-savae.xz]   (default .gpu/savae.xz)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/models.sh
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
 SRC=${1:-.gpu/savae.xz}
@@ -66,11 +67,14 @@ run 90 bench.jsonl bench --device "$DEV" --dataset ptb --k 10 --steps 5 --warmup
   --modes lm,vae,savae-implicit,savae-unrolled
 
 log "4. the from-scratch recipes of reproduce.sh, 40 steps each"
-recipe() { # NAME TIMEOUT FLAGS...
+# time_recipe NAME TIMEOUT DATA_FLAGS...: NAME's flags (scripts/models.sh) on DATA_FLAGS for
+# one epoch, its median seconds per step a JSON line in recipes.jsonl.
+time_recipe() {
   local name=$1 t=$2
   shift 2
+  model_flags "$name" || return
   run "$t" recipes.log train --device "$DEV" --epochs 1 --log-every 5 --run-dir "/tmp/recipe-$name" \
-    --overwrite --quiet "$@"
+    --overwrite --quiet "$@" "${FLAGS[@]}"
   if [ -f "/tmp/recipe-$name/metrics.jsonl" ]; then
     python3 - "$name" "/tmp/recipe-$name/metrics.jsonl" "$DEV" >>"$OUT/recipes.jsonl" <<'PY'
 import json, sys
@@ -87,12 +91,10 @@ PY
   fi
 }
 mn=(--dataset mnist --max-train-examples 4000 --valid-examples 500)
-recipe mnist-savae-implicit 90 "${mn[@]}" --model savae --grad implicit \
-  --svi-optimizer newton-ls --svi-steps 6 --samples 8 --encoder-loss amortized
-recipe mnist-savae-unrolled 60 "${mn[@]}" --model savae --grad unrolled --svi-steps 10 --samples 8
+time_recipe mnist-savae-implicit 90 "${mn[@]}"
+time_recipe mnist-savae-unrolled 60 "${mn[@]}"
 pt=(--dataset ptb --max-train-examples 1280 --valid-examples 100)
-recipe ptb-savae-implicit 120 "${pt[@]}" --model savae --grad implicit \
-  --svi-optimizer newton-ls --svi-steps 3 --samples 1 --prox 20 --cg-tol 1e-3
-recipe ptb-savae-unrolled 90 "${pt[@]}" --model savae --grad unrolled --svi-steps 10
-recipe ptb-vae-svi 60 "${pt[@]}" --model vae-svi --svi-steps 10
+time_recipe ptb-savae-implicit 120 "${pt[@]}"
+time_recipe ptb-savae-unrolled 90 "${pt[@]}"
+time_recipe ptb-vae-svi 60 "${pt[@]}"
 log "done"

@@ -15,6 +15,8 @@
 # epochs (default 5); best.safetensors is the best epoch either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The from-scratch models' training flags (model_flags NAME), shared with gpu-check.sh.
+source scripts/models.sh
 what=${1:-all}
 runs=${2:-runs}
 device=${DEVICE:-auto}
@@ -64,20 +66,10 @@ run() {
 if [ "$what" = mnist ] || [ "$what" = all ]; then
     EPOCHS=$em
     common=(--dataset mnist --valid-examples 10000 "${patience[@]}")
-    run mnist-vae 5000 "${common[@]}" --model vae
-    # Refinements hold 8 draws fixed: with 1 or 4 the refined posteriors fit their draws
-    # and score worse than the amortized ones on fresh draws (README, Status).
-    run mnist-vae-svi 5000 "${common[@]}" --model vae-svi --svi-steps 10 --samples 8
-    run mnist-savae-unrolled 5000 "${common[@]}" --model savae --grad unrolled --svi-steps 10 \
-        --samples 8
-    # Newton refinement: SGD's K steps do not reach the stationary point the implicit
-    # gradient needs; 6 steps, because 3 fell behind the moving decoder (README, Status).
-    # With the line search: on the unrolled run's weights after 4 epochs, plain Newton left
-    # 7 % of the images non-stationary, newton-ls 0.3 % at 1.15× the cost (bench/results/
-    # cpu-mnist-savae-newton-ls-2026-12-03.jsonl).
-    # The encoder on its own ELBO: through the refinement it fell behind (README, Results).
-    run mnist-savae-implicit 5000 "${common[@]}" --model savae --grad implicit \
-        --svi-optimizer newton-ls --svi-steps 6 --samples 8 --encoder-loss amortized
+    for name in mnist-vae mnist-vae-svi mnist-savae-unrolled mnist-savae-implicit; do
+        model_flags "$name"
+        run "$name" 5000 "${common[@]}" "${FLAGS[@]}"
+    done
 fi
 if [ "$what" = mnist-finetune ] || [ "$what" = all ]; then
     # Each refining model fine-tuned for EPOCHS_FINETUNE epochs from the same trained VAE
@@ -104,23 +96,9 @@ fi
 if [ "$what" = ptb ] || [ "$what" = all ]; then
     EPOCHS=$ep
     common=(--dataset ptb "${patience[@]}")
-    run ptb-lm 500 "${common[@]}" --model lm
-    run ptb-vae 500 "${common[@]}" --model vae
-    # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
-    # cheap row between the VAE and SA-VAE.
-    run ptb-vae-svi 500 "${common[@]}" --model vae-svi --svi-steps 10
-    # 3 line-searched Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3. On 1 draw a
-    # step costs a sixth of 3 Newton steps on 4 draws at γ = 1 (bench/results/
-    # cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl). Plain Newton (no line
-    # search) stopped being stationary as the KL grew: 2 steps at γ = 5 left 47 % of the
-    # examples non-stationary by step 1 781 (bench/results/
-    # cpu-ptb-savae-newton-stationarity-2026-12-03.jsonl), at γ = 20 19 % by step 2 351.
-    # On those batches at step 2 351, 2 line-searched steps left 8 % and 3 left 2 %, and
-    # the refinement gained twice as much (bench/results/
-    # cpu-ptb-savae-newton-ls-2026-12-03.jsonl).
-    run ptb-savae-implicit 500 "${common[@]}" --model savae --grad implicit \
-        --svi-optimizer newton-ls --svi-steps 3 --samples 1 --prox 20 --cg-tol 1e-3
-    # Optional in issue 16 ("if the budget allows"), so last: SA-VAE's own refinement, SGD
-    # K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
-    run ptb-savae-unrolled 500 "${common[@]}" --model savae --grad unrolled --svi-steps 10
+    # ptb-savae-unrolled is optional in issue 16 ("if the budget allows"), so last.
+    for name in ptb-lm ptb-vae ptb-vae-svi ptb-savae-implicit ptb-savae-unrolled; do
+        model_flags "$name"
+        run "$name" 500 "${common[@]}" "${FLAGS[@]}"
+    done
 fi

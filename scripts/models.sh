@@ -1,0 +1,50 @@
+# The training flags of each from-scratch model of the README's results table, declared once:
+# scripts/reproduce.sh trains and evaluates them, scripts/gpu-check.sh times them on a GPU.
+# Sourced, not run. The data, epochs and early stopping are the caller's; these are the model
+# and its gradient.
+#
+#   model_flags NAME   sets the array FLAGS to NAME's flags (fails on an unknown NAME)
+
+model_flags() {
+    case $1 in
+    mnist-vae) FLAGS=(--model vae) ;;
+    # Refinements hold 8 draws fixed: with 1 or 4 the refined posteriors fit their draws
+    # and score worse than the amortized ones on fresh draws (README, Status).
+    mnist-vae-svi) FLAGS=(--model vae-svi --svi-steps 10 --samples 8) ;;
+    mnist-savae-unrolled) FLAGS=(--model savae --grad unrolled --svi-steps 10 --samples 8) ;;
+    # Newton refinement: SGD's K steps do not reach the stationary point the implicit
+    # gradient needs; 6 steps, because 3 fell behind the moving decoder (README, Status).
+    # With the line search: on the unrolled run's weights after 4 epochs, plain Newton left
+    # 7 % of the images non-stationary, newton-ls 0.3 % at 1.15× the cost (bench/results/
+    # cpu-mnist-savae-newton-ls-2026-12-03.jsonl).
+    # The encoder on its own ELBO: through the refinement it fell behind (README, Results).
+    mnist-savae-implicit)
+        FLAGS=(--model savae --grad implicit --svi-optimizer newton-ls --svi-steps 6 --samples 8
+            --encoder-loss amortized)
+        ;;
+    ptb-lm) FLAGS=(--model lm) ;;
+    ptb-vae) FLAGS=(--model vae) ;;
+    # The decoder trained on refined posteriors (the encoder on its own ELBO), issue 16's
+    # cheap row between the VAE and SA-VAE.
+    ptb-vae-svi) FLAGS=(--model vae-svi --svi-steps 10) ;;
+    # 3 line-searched Newton steps on 1 draw at γ = 20, adjoint CG to 1e-3. On 1 draw a
+    # step costs a sixth of 3 Newton steps on 4 draws at γ = 1 (bench/results/
+    # cpu-2core-ptb-savae-recipes-real-batches-2026-12-03.jsonl). Plain Newton (no line
+    # search) stopped being stationary as the KL grew: 2 steps at γ = 5 left 47 % of the
+    # examples non-stationary by step 1 781 (bench/results/
+    # cpu-ptb-savae-newton-stationarity-2026-12-03.jsonl), at γ = 20 19 % by step 2 351.
+    # On those batches at step 2 351, 2 line-searched steps left 8 % and 3 left 2 %, and
+    # the refinement gained twice as much (bench/results/
+    # cpu-ptb-savae-newton-ls-2026-12-03.jsonl).
+    ptb-savae-implicit)
+        FLAGS=(--model savae --grad implicit --svi-optimizer newton-ls --svi-steps 3 --samples 1
+            --prox 20 --cg-tol 1e-3)
+        ;;
+    # SA-VAE's own refinement, SGD K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
+    ptb-savae-unrolled) FLAGS=(--model savae --grad unrolled --svi-steps 10) ;;
+    *)
+        echo "scripts/models.sh: no model named '$1'" >&2
+        return 1
+        ;;
+    esac
+}
