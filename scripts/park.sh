@@ -63,6 +63,16 @@ save() {
         n=$((n + 1))
     done
     echo "park.sh: $n run(s) parked; commit $parked to keep them"
+    # A GPU lease carries the working tree and the CUDA binary (about 8 MiB compressed), 64 MiB
+    # in all: warn when parking pushes the tree past what leaves room for the binary.
+    local mib
+    mib=$( (
+        git ls-files -z 2>/dev/null | grep -zv "^${parked#./}/" | xargs -0 -r stat -c %s 2>/dev/null
+        find "$parked" -type f -exec stat -c %s {} + 2>/dev/null
+    ) | awk '{s += $1} END {printf "%d", s / 1048576}') || mib=0
+    if [ "$mib" -gt 56 ]; then
+        echo "park.sh: warning: the working tree is now $mib MiB with $parked; a GPU lease carries 64 MiB with the binary, so drop finished runs (park.sh drop NAME) before using one" >&2
+    fi
 }
 
 restore() {

@@ -43,6 +43,20 @@ fn train_args(dir: &Path, extra: &[&str]) -> Vec<String> {
     a
 }
 
+/// Trains the tiny configuration into `dir` for `epochs` epochs; panics with savae's
+/// stderr if it fails.
+fn train_tiny(dir: &Path, epochs: &str) {
+    let out = bin()
+        .args(train_args(dir, &["--epochs", epochs]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn steps_logged(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .map(|s| {
@@ -58,22 +72,10 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
     // Three epochs, interrupted in the second or third: a tiny epoch takes about a
     // second, so an interruption aimed at the last epoch could land after its last step.
     let straight = tmpdir("straight");
-    let st = bin()
-        .args(train_args(&straight, &["--epochs", "3"]))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    train_tiny(&straight, "3");
     let cut = tmpdir("cut");
     // Run one epoch so that a checkpoint exists, then interrupt the rest mid-way.
-    let first = bin()
-        .args(train_args(&cut, &["--epochs", "1"]))
-        .output()
-        .unwrap();
-    assert!(first.status.success());
+    train_tiny(&cut, "1");
     let child = bin()
         .args([
             "train",
@@ -163,15 +165,7 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
 #[test]
 fn sigkill_at_random_moments_always_leaves_a_loadable_checkpoint() {
     let dir = tmpdir("kill");
-    let first = bin()
-        .args(train_args(&dir, &["--epochs", "1"]))
-        .output()
-        .unwrap();
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    train_tiny(&dir, "1");
     let mut epochs = 1;
     let mut seed: u64 = 0x9e3779b97f4a7c15;
     for round in 0..20 {
@@ -257,23 +251,11 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     // A session parks its unfinished run in the repository (park.sh save), the next one
     // gets a machine without runs/ and restores it: the resumed run must be the straight one.
     let straight = tmpdir("park-straight");
-    let st = bin()
-        .args(train_args(&straight, &["--epochs", "2"]))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    train_tiny(&straight, "2");
     let runs = tmpdir("park-runs");
     let parked = tmpdir("park-parked").join("parked");
     let run = runs.join("tiny");
-    let first = bin()
-        .args(train_args(&run, &["--epochs", "1"]))
-        .output()
-        .unwrap();
-    assert!(first.status.success());
+    train_tiny(&run, "1");
     // A finished run (test.json written) is not parked.
     std::fs::create_dir_all(runs.join("done")).unwrap();
     std::fs::copy(
