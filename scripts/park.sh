@@ -16,6 +16,9 @@
 #                      it back, eval and report do), a third of the full file's size;
 #   metrics.jsonl      as written.
 # A run counts as unfinished while it has no test.json (reproduce.sh writes that last).
+# A run over PARK_MAX_MIB (default 40; a MNIST run is 22 MiB, a PTB one about 140) is not
+# parked: a GPU lease carries the working tree and the binary, 64 MiB in all, and each save
+# would add the run to the repository's history again.
 # save refuses a run that a `savae train` is still writing: stop it first with SIGTERM
 # (it saves its place in last.safetensors and exits). reproduce.sh calls restore itself.
 # SAVAE (default target/release/savae) is the binary that save uses for the export.
@@ -23,6 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 parked=${PARKED_DIR:-bench/parked}
 savae=${SAVAE:-target/release/savae}
+max_mib=${PARK_MAX_MIB:-40}
 
 die() {
     echo "park.sh: $*" >&2
@@ -56,6 +60,13 @@ save() {
         if [ -f "$dir/best.safetensors" ]; then
             "$savae" export --checkpoint "$dir/best.safetensors" --out "$tmp/best.safetensors" 2>/dev/null ||
                 die "$dir/best.safetensors: savae export failed"
+        fi
+        local size
+        size=$(du -sm "$tmp" | cut -f1)
+        if [ "$size" -gt "$max_mib" ]; then
+            rm -rf "$tmp"
+            echo "park.sh: $name is $size MiB, over PARK_MAX_MIB ($max_mib): not parked, it stays in $dir only (the tree must fit a GPU lease, and every save adds it to the history again)" >&2
+            continue
         fi
         rm -rf "$to"
         mv "$tmp" "$to"

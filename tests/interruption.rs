@@ -234,6 +234,11 @@ fn sigkill_at_random_moments_always_leaves_a_loadable_checkpoint() {
 
 /// `scripts/park.sh` from the repository root, with `PARKED_DIR` and `SAVAE` set.
 fn park(args: &[&str], parked: &Path) -> std::process::Output {
+    park_with(args, parked, &[])
+}
+
+/// `park` with more environment variables.
+fn park_with(args: &[&str], parked: &Path, env: &[(&str, &str)]) -> std::process::Output {
     Command::new("bash")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -242,6 +247,7 @@ fn park(args: &[&str], parked: &Path) -> std::process::Output {
         .args(args)
         .env("PARKED_DIR", parked)
         .env("SAVAE", env!("CARGO_BIN_EXE_savae"))
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -264,6 +270,20 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     )
     .unwrap();
     std::fs::write(runs.join("done/test.json"), "{}").unwrap();
+
+    // A run over PARK_MAX_MIB stays where it is (a tiny run is under 1 MiB, so 0 refuses it).
+    let capped = park_with(
+        &["save", runs.to_str().unwrap()],
+        &parked,
+        &[("PARK_MAX_MIB", "0")],
+    );
+    let log = String::from_utf8_lossy(&capped.stdout).to_string()
+        + &String::from_utf8_lossy(&capped.stderr);
+    assert!(capped.status.success(), "{log}");
+    assert!(log.contains("0 run(s) parked"), "{log}");
+    assert!(log.contains("over PARK_MAX_MIB"), "{log}");
+    assert!(!parked.join("tiny").exists(), "parked over the cap: {log}");
+    assert!(run.join("last.safetensors").is_file(), "{log}");
 
     let saved = park(&["save", runs.to_str().unwrap()], &parked);
     let log = String::from_utf8_lossy(&saved.stdout).to_string()
