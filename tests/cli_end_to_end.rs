@@ -378,6 +378,34 @@ fn gradcheck_passes_on_a_small_fresh_model() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// The three-way check holds with several draws per example (training's `--samples`), and
+/// `--cg-iters` measures what capping the adjoint CG costs against the converged solve.
+#[test]
+fn gradcheck_with_several_draws_and_a_capped_solve() {
+    let out = ok(&small_gradcheck(&["--samples", "3", "--cg-iters", "2"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(v["settings"]["noise_samples"], 3, "{v}");
+    assert!(v["rel_err_implicit_vs_fd"].as_f64().unwrap() < 1e-6, "{v}");
+    assert!(
+        v["rel_err_implicit_vs_unrolled"].as_f64().unwrap() < 1e-6,
+        "{v}"
+    );
+    let c = &v["cg_capped"];
+    assert_eq!(c["max_iters"], 2, "{c}");
+    assert_eq!(c["cg"]["iters_max"], 2, "{c}");
+    // Two CG iterations on an 8-dimensional system leave an error, small but far above
+    // the converged solve's.
+    let e = c["rel_err_vs_converged"].as_f64().unwrap();
+    assert!(e > 1e-8 && e < 0.5, "{c}");
+    assert!(c["cosine"].as_f64().unwrap() > 0.8, "{c}");
+    // Without the flag there is no capped solve.
+    let plain = ok(&small_gradcheck(&[]));
+    let p: serde_json::Value = serde_json::from_str(plain.trim()).unwrap();
+    assert!(p["cg_capped"].is_null(), "{p}");
+    assert_eq!(p["settings"]["noise_samples"], 1, "{p}");
+}
+
 /// A check that fails says why and what to change, and its output file is marked.
 #[test]
 fn gradcheck_failures_are_explained_and_marked() {

@@ -51,6 +51,15 @@ pub struct GradcheckArgs {
     /// Proximal weight γ (> 0, so that the encoder gets a gradient).
     #[arg(long, default_value_t = 5.0)]
     pub prox: f64,
+    /// Noise draws per example that the refinement's ELBO averages (training's `--samples`).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Also take the implicit gradient with the adjoint CG stopped after this many
+    /// iterations (at training's default tolerance, 1e-4), as a training run does, and
+    /// report its relative error against the converged solve's gradient: what the cap
+    /// costs in accuracy. Not part of `pass`.
+    #[arg(long)]
+    pub cg_iters: Option<usize>,
     /// The noise of the outer loss: fresh (independent draws, the training default) or
     /// same (the refinement's draws).
     #[arg(long, value_enum, default_value_t = OuterNoise::Fresh)]
@@ -149,6 +158,12 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     if a.svi_steps == 0 {
         bail!("--svi-steps must be at least 1");
     }
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if a.cg_iters == Some(0) {
+        bail!("--cg-iters must be at least 1");
+    }
     if a.prox.is_nan() || a.prox <= 0.0 {
         bail!("--prox must be positive (got {})", a.prox);
     }
@@ -171,7 +186,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     let images = savae_train::batch::images(&data.test, &idx, &mut rng, DType::F64, &dev)?;
     let x = savae_model::Batch::Images(images.clone());
     let d = model.latent_dim();
-    let eps = savae_train::batch::noise(&mut rng, 1, idx.len(), d, DType::F64, &dev)?;
+    let eps = savae_train::batch::noise(&mut rng, a.samples, idx.len(), d, DType::F64, &dev)?;
     let outer_eps = match a.outer_noise {
         OuterNoise::Fresh => Some(savae_train::batch::noise(
             &mut rng,
@@ -225,7 +240,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         dtype: "f64",
         beta,
         loss: LOSS,
-        noise_samples: 1,
+        noise_samples: a.samples,
         outer_noise: a.outer_noise,
         encoder_loss: a.encoder_loss,
         svi: SviSettings {
@@ -283,6 +298,10 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     let unr = step(SavaeGradient::Unrolled)?;
     let gi = flat(&imp.grads)?;
     let gu = flat(&unr.grads)?;
+    let capped = match a.cg_iters {
+        Some(iters) => Some(capped_solve(iters, &gi, &step, &solve)?),
+        None => None,
+    };
     // Finite differences on a random subset of parameters.
     let vars = model.params.vars();
     let names: Vec<String> = model.params.iter().map(|(n, _)| n.to_string()).collect();
@@ -341,6 +360,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         "refinement_unrolled": svi_of(&unr),
         "final_inner_grad_norm_max": imp.svi.as_ref().map(|s| s.final_grad_norm_max),
         "cg": imp.cg,
+        "cg_capped": capped,
         "curvature_at_lambda0": curvature,
         "fd_params": checked,
         "settings": settings,
@@ -363,6 +383,48 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         bail!("gradient check failed:\n  - {}", problems.join("\n  - "));
     }
     Ok(())
+}
+
+/// The implicit gradient with the adjoint CG capped, against the converged one.
+#[derive(Debug, Clone, Serialize)]
+struct CappedSolve {
+    max_iters: usize,
+    tol: f64,
+    /// ‖g_capped − g‖ / ‖g‖ over every parameter, g the converged solve's gradient.
+    rel_err_vs_converged: f64,
+    /// g_capped · g / (‖g_capped‖ ‖g‖).
+    cosine: f64,
+    cg: Option<savae_train::step::CgStats>,
+}
+
+fn capped_solve(
+    iters: usize,
+    converged: &[f64],
+    step: &dyn Fn(SavaeGradient) -> Result<StepOutput>,
+    solve: &ShiftedSolve,
+) -> Result<CappedSolve> {
+    let tol = 1e-4;
+    let out = step(SavaeGradient::Implicit(ImplicitGradient {
+        solve: ShiftedSolve {
+            cg: CgConfig {
+                max_iters: iters,
+                tol,
+            },
+            ..*solve
+        },
+        hvp: HvpKind::Exact,
+        stationarity_tol: f64::INFINITY,
+    }))?;
+    let g = flat(&out.grads)?;
+    let dot: f64 = g.iter().zip(converged).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    Ok(CappedSolve {
+        max_iters: iters,
+        tol,
+        rel_err_vs_converged: rel_err(&g, converged),
+        cosine: dot / (norm(&g) * norm(converged)),
+        cg: out.cg,
+    })
 }
 
 fn load_model(a: &GradcheckArgs, dev: &Device) -> Result<(Vae, String)> {
