@@ -456,6 +456,7 @@ fn the_shipped_mnist_checkpoints_evaluate() {
         "mnist-vae",
         "mnist-savae-unrolled-ft",
         "mnist-savae-unrolled",
+        "mnist-savae-implicit",
     ] {
         let ck = format!(
             "{}/../../checkpoints/{name}.safetensors",
