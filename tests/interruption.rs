@@ -46,10 +46,16 @@ fn train_args(dir: &Path, extra: &[&str]) -> Vec<String> {
 /// Trains the tiny configuration into `dir` for `epochs` epochs; panics with savae's
 /// stderr if it fails.
 fn train_tiny(dir: &Path, epochs: &str) {
-    let out = bin()
-        .args(train_args(dir, &["--epochs", epochs]))
-        .output()
-        .unwrap();
+    assert_ok(
+        &bin()
+            .args(train_args(dir, &["--epochs", epochs]))
+            .output()
+            .unwrap(),
+    );
+}
+
+/// Panics with savae's stderr unless it exited successfully.
+fn assert_ok(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
@@ -119,11 +125,7 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
         ])
         .output()
         .unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_ok(&resumed);
     // The epoch records agree too: the interrupted epoch's counters and training ELBO are
     // carried through the checkpoint, not restarted at the resume.
     let epochs = |d: &Path| -> Vec<serde_json::Value> {
@@ -310,11 +312,7 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     // The fresh machine: no run folder at all.
     std::fs::remove_dir_all(&runs).unwrap();
     let restored = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
-    assert!(
-        restored.status.success(),
-        "{}",
-        String::from_utf8_lossy(&restored.stderr)
-    );
+    assert_ok(&restored);
     // A second restore leaves the run it finds alone.
     let again = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
     assert!(String::from_utf8_lossy(&again.stdout).contains("left as it is"));
@@ -336,11 +334,7 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
         ])
         .output()
         .unwrap();
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_ok(&resumed);
     let (a, b) = (
         tensors(&straight.join("last.safetensors")),
         tensors(&run.join("last.safetensors")),
