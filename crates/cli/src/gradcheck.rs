@@ -55,7 +55,7 @@ pub struct GradcheckArgs {
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
     /// Also take the implicit gradient with the adjoint CG stopped after this many
-    /// iterations (at training's default tolerance, 1e-4), as a training run does, and
+    /// iterations (at training's default tolerance, `--cg-tol` 1e-4), as a training run does, and
     /// report its relative error against the converged solve's gradient: what the cap
     /// costs in accuracy. Not part of `pass`.
     #[arg(long)]
@@ -264,12 +264,13 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         stationarity_tol: a.stationarity_tol,
         tol: a.tol,
     };
-    let implicit = SavaeGradient::Implicit(ImplicitGradient {
+    let converged = ImplicitGradient {
         solve,
         hvp: HvpKind::Exact,
         // Diagnosed below rather than replaced by the fallback.
         stationarity_tol: f64::INFINITY,
-    });
+    };
+    let implicit = SavaeGradient::Implicit(converged);
     let cfg = |gradient: SavaeGradient| StepConfig {
         mode: Mode::Savae {
             gradient,
@@ -299,7 +300,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     let gi = flat(&imp.grads)?;
     let gu = flat(&unr.grads)?;
     let capped = match a.cg_iters {
-        Some(iters) => Some(capped_solve(iters, &gi, &step, &solve)?),
+        Some(iters) => Some(capped_solve(iters, &converged, &gi, &step)?),
         None => None,
     };
     // Finite differences on a random subset of parameters.
@@ -385,7 +386,9 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// The implicit gradient with the adjoint CG capped, against the converged one.
+/// The implicit gradient with the adjoint CG capped at `iters` iterations and training's
+/// default tolerance, everything else as in the converged solve `base` (whose gradient is
+/// `converged`), against the converged one.
 #[derive(Debug, Clone, Serialize)]
 struct CappedSolve {
     max_iters: usize,
@@ -399,21 +402,20 @@ struct CappedSolve {
 
 fn capped_solve(
     iters: usize,
+    base: &ImplicitGradient,
     converged: &[f64],
     step: &dyn Fn(SavaeGradient) -> Result<StepOutput>,
-    solve: &ShiftedSolve,
 ) -> Result<CappedSolve> {
-    let tol = 1e-4;
+    let tol = savae_train::config::TrainConfig::default().cg_tol;
     let out = step(SavaeGradient::Implicit(ImplicitGradient {
         solve: ShiftedSolve {
             cg: CgConfig {
                 max_iters: iters,
                 tol,
             },
-            ..*solve
+            ..base.solve
         },
-        hvp: HvpKind::Exact,
-        stationarity_tol: f64::INFINITY,
+        ..*base
     }))?;
     let g = flat(&out.grads)?;
     let dot: f64 = g.iter().zip(converged).map(|(x, y)| x * y).sum();
