@@ -6,7 +6,7 @@
 For each recipe, runs `savae train --init-from CHECKPOINT --kl-start B --epochs 1
 --log-every 1 FLAGS` in a scratch folder for S seconds (then SIGTERM), and prints one JSON
 line: seconds per step, examples that took the non-stationary fallback per step, the mean
-and largest ‖∇F(λ_K)‖, CG iterations. Every recipe sees the same batches in the same order
+and largest ‖∇F(λ_K)‖, CG iterations, the Newton solves' Hessian-vector products. Every recipe sees the same batches in the same order
 (the same seed and epoch). With the default --lr 1e-7 the weights hardly move, so the
 recipes are compared on the checkpoint's own model (Adam restarts under --init-from, and
 its first steps at a normal rate would move it). The dataset and the architecture are the
@@ -66,6 +66,8 @@ def run_recipe(savae, ck, beta, lr, seconds, name, flags):
             "cg_iters_mean": [c.get("iters_mean") for c in cg],
             # Halvings of newton-ls's line search, over examples and steps.
             "backtracks": [v.get("backtracks") for v in svi],
+            # Batched Hessian-vector products of the Newton steps' solves (their main cost).
+            "hessian_products": [v.get("hessian_products") for v in svi],
             "loss": [round(s["loss"], 2) for s in steps],
             # What the refinement bought: ELBO at λ_K minus ELBO at λ0, nats per example.
             "refine_gain": [round(s["elbo_refined"] - s["elbo_amortized"], 3)

@@ -234,6 +234,8 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
         (vec!["train", "--device", "tpu"], "--device"),
         (vec!["train", "--encoder-loss", "both"], "--encoder-loss"),
         (vec!["train", "--patience", "0"], "--patience"),
+        // The default refinement is SGD, which has no Newton solve to loosen.
+        (vec!["train", "--newton-solve", "inexact"], "--newton-solve"),
         (
             vec!["eval", "--checkpoint", "x.safetensors", "--prox=-1"],
             "--prox",
@@ -746,4 +748,43 @@ fn step_lines_report_the_heap_which_grows_with_k_only_when_unrolled() {
         "implicit: K=3 {i3} MiB, K=60 {i60} MiB"
     );
     assert!(i60 < u3, "implicit K=60 {i60} MiB vs unrolled K=3 {u3} MiB");
+}
+
+#[test]
+fn newton_solve_inexact_reaches_the_refinement_and_its_products_are_logged() {
+    // The Newton solves' Hessian-vector products of each step, from the step lines.
+    let products = |solve: &str| -> Vec<u64> {
+        let d = tmpdir(&format!("newton-solve-{solve}"));
+        train(
+            &d,
+            &[
+                "--model",
+                "savae",
+                "--svi-optimizer",
+                "newton-ls",
+                "--samples",
+                "2",
+                "--newton-solve",
+                solve,
+                "--epochs",
+                "1",
+                "--log-every",
+                "1",
+            ],
+        );
+        let text = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "step")
+            .map(|v| v["svi"]["hessian_products"].as_u64().unwrap())
+            .collect()
+    };
+    let (exact, inexact) = (products("exact"), products("inexact"));
+    assert_eq!(exact.len(), 6);
+    assert!(exact.iter().all(|&p| p > 0), "{exact:?}");
+    assert!(
+        inexact.iter().sum::<u64>() < exact.iter().sum::<u64>(),
+        "inexact {inexact:?} against exact {exact:?}"
+    );
 }

@@ -67,6 +67,7 @@ pub fn savae_implicit(hvp: savae_implicit::HvpKind) -> savae_train::Mode {
                 cg: savae_implicit::CgConfig {
                     max_iters: 50,
                     tol: 1e-13,
+                    ..Default::default()
                 },
                 damping: 0.0,
                 retries: 3,

@@ -226,6 +226,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         cg: CgConfig {
             max_iters: 500,
             tol: 1e-12,
+            ..Default::default()
         },
         damping: 0.0,
         retries: 3,
@@ -412,6 +413,7 @@ fn capped_solve(
             cg: CgConfig {
                 max_iters: iters,
                 tol,
+                ..Default::default()
             },
             ..base.solve
         },

@@ -2,7 +2,7 @@
 //!
 //! All examples iterate together (one operator call per iteration applies every block),
 //! each with its own α_b = r_bᵀr_b / p_bᵀA_b p_b and β_b = r'_bᵀr'_b / r_bᵀr_b. An
-//! example stops on its own: converged (‖r_b‖ ≤ tol·‖b_b‖), negative curvature
+//! example stops on its own: converged (‖r_b‖ ≤ η_b·‖b_b‖, η_b by the [`StopRule`]), negative curvature
 //! (p_bᵀA_b p_b ≤ 0: A_b is not positive definite), or non-finite arithmetic; the others
 //! carry on unaffected. Examples still running after `max_iters` end as `MaxIterations`
 //! with their current iterate and residual reported.
@@ -16,8 +16,11 @@ use candle_core::{DType, Tensor};
 pub struct CgConfig {
     /// Iteration limit.
     pub max_iters: usize,
-    /// Relative residual tolerance ‖r_b‖ ≤ tol · ‖b_b‖.
+    /// Relative residual tolerance: an example converges at ‖r_b‖ ≤ η_b · ‖b_b‖ with
+    /// η_b = tol, or as `rule` says.
     pub tol: f64,
+    /// How η_b follows from `tol` and the right-hand side.
+    pub rule: StopRule,
 }
 
 impl Default for CgConfig {
@@ -25,8 +28,21 @@ impl Default for CgConfig {
         Self {
             max_iters: 20,
             tol: 1e-5,
+            rule: StopRule::Relative,
         }
     }
+}
+
+/// The relative residual η_b at which example b's solve stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopRule {
+    /// η_b = tol for every example.
+    Relative,
+    /// η_b = min(tol, √‖b_b‖): the forcing term of inexact Newton (Nocedal & Wright,
+    /// *Numerical Optimization*, 2nd ed., (7.3)), for a system whose right-hand side is a
+    /// gradient — loose far from the optimum, where a rough direction does, and tighter as
+    /// ‖b_b‖ → 0, which keeps Newton's local convergence superlinear (their Theorem 7.2).
+    NewtonForcing,
 }
 
 /// How one example's solve ended.
@@ -50,6 +66,8 @@ impl CgStatus {
 pub struct CgReport {
     pub status: Vec<CgStatus>,
     pub iterations: Vec<usize>,
+    /// Operator applications (each applies every example's block): what the solve cost.
+    pub products: usize,
     /// Final relative residual ‖r_b‖ / ‖b_b‖ (0 when b_b = 0).
     pub residual: Vec<f64>,
 }
@@ -122,7 +140,10 @@ pub fn batched_cg(
     let mut p = b.clone();
     let mut rs = dot(&r, &r)?;
     let bnorm = rs.sqrt()?;
-    let tol_b = (&bnorm * cfg.tol)?;
+    let tol_b = match cfg.rule {
+        StopRule::Relative => (&bnorm * cfg.tol)?,
+        StopRule::NewtonForcing => (&bnorm * bnorm.sqrt()?.clamp(0.0, cfg.tol)?)?,
+    };
     // Status: non-finite right-hand sides fail, zero ones have converged.
     let zero = bnorm.zeros_like()?;
     let b_finite = finite(&bnorm)?;
@@ -131,11 +152,13 @@ pub fn batched_cg(
     let mut active = (&b_finite * (1.0 - &b_zero)?)?;
     let mut iterations = zero.clone();
     let every = check_every(b);
+    let mut products = 0;
     for it in 0..cfg.max_iters {
         if it % every == 0 && active.sum_all()?.to_scalar::<f64>()? == 0.0 {
             break;
         }
         let ap = op.apply(&p)?;
+        products += 1;
         let pap = dot(&p, &ap)?;
         let pap_finite = finite(&pap)?;
         let pap_pos = pap.gt(0.0)?.to_dtype(DType::F64)?;
@@ -207,6 +230,7 @@ pub fn batched_cg(
         CgReport {
             status,
             iterations: iters.iter().map(|&k| k as usize).collect(),
+            products,
             residual,
         },
     ))

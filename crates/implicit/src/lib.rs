@@ -24,7 +24,7 @@ pub mod operator;
 
 pub use adjoint::{solve_adjoint, AdjointSolution, ShiftedSolve};
 pub use autodiff::{enable_second_order, ensure_second_order, value_and_grad, ValueGrad};
-pub use cg::{batched_cg, CgConfig, CgReport, CgStatus};
+pub use cg::{batched_cg, CgConfig, CgReport, CgStatus, StopRule};
 pub use mixed::{mixed_product_exact, mixed_product_fd};
 pub use operator::{BatchedOperator, ExactHvp, FdHvp, HvpKind, ShiftedNegHessian};
 

@@ -39,6 +39,7 @@ fn solves_spd_blocks_exactly() {
         &CgConfig {
             max_iters: 10,
             tol: 1e-12,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -62,6 +63,7 @@ fn reports_negative_curvature_on_an_indefinite_block_and_leaves_others_alone() {
         &CgConfig {
             max_iters: 10,
             tol: 1e-12,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -93,6 +95,7 @@ fn a_diverging_example_does_not_affect_the_others() {
         &CgConfig {
             max_iters: 10,
             tol: 1e-12,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -122,6 +125,7 @@ fn max_iterations_is_reported_with_its_residual() {
         &CgConfig {
             max_iters: 1,
             tol: 1e-12,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -155,6 +159,7 @@ fn adjoint_fallback_damps_failed_examples_and_counts_them() {
             cg: CgConfig {
                 max_iters: 10,
                 tol: 1e-12,
+                ..Default::default()
             },
             damping: 0.0,
             retries: 3,
@@ -192,6 +197,7 @@ fn adjoint_falls_back_to_steepest_descent_when_damping_does_not_help() {
             cg: CgConfig {
                 max_iters: 10,
                 tol: 1e-12,
+                ..Default::default()
             },
             damping: 0.0,
             retries: 2,
@@ -219,6 +225,7 @@ fn untrusted_examples_skip_the_solve_and_take_the_identity_fallback() {
             cg: CgConfig {
                 max_iters: 10,
                 tol: 1e-12,
+                ..Default::default()
             },
             damping: 0.0,
             retries: 0,
@@ -234,4 +241,55 @@ fn untrusted_examples_skip_the_solve_and_take_the_identity_fallback() {
         (l0[1][0] - 0.5).abs() < 1e-12 && (l0[1][1] - 2.0 / 3.0).abs() < 1e-12,
         "{l0:?}"
     );
+}
+
+#[test]
+fn the_newton_forcing_rule_loosens_large_right_hand_sides_and_tightens_small_ones() {
+    use savae_implicit::StopRule;
+    // A = diag(1, …, 8) for both examples: exact CG needs all 8 iterations. Example 0 has
+    // ‖b‖ = 20√8 ≈ 56.6, so η = min(0.5, √56.6) = 0.5; example 1 has ‖b‖ = 1e-4·√8, so
+    // η = √(2.83e-4) ≈ 0.0168, tighter than the plain relative tolerance 0.5.
+    let n = 8;
+    let a: Vec<f64> = (0..n * n)
+        .map(|i| {
+            if i / n == i % n {
+                (i / n + 1) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let op = Blocks(vec![a.clone(), a], n);
+    let b = rows(&[&[20.0; 8], &[1e-4; 8]]);
+    let bnorm = [20.0 * (n as f64).sqrt(), 1e-4 * (n as f64).sqrt()];
+    let eta = [0.5, bnorm[1].sqrt()];
+    let forcing = CgConfig {
+        max_iters: 50,
+        tol: 0.5,
+        rule: StopRule::NewtonForcing,
+    };
+    let (_, rep) = batched_cg(&op, &b, &forcing).unwrap();
+    assert_eq!(rep.status, vec![CgStatus::Converged; 2]);
+    for (e, (r, eta)) in rep.residual.iter().zip(eta).enumerate() {
+        assert!(
+            *r <= eta,
+            "example {e}: relative residual {r} above η = {eta}"
+        );
+    }
+    assert!(
+        rep.iterations[0] < rep.iterations[1],
+        "the large right-hand side should stop first: {:?}",
+        rep.iterations
+    );
+    // One product per iteration of the slowest example, every example's block in each.
+    assert_eq!(rep.products, *rep.iterations.iter().max().unwrap());
+    // The plain rule at the same tol stops both examples alike (the same direction, the
+    // same relative residual path), so the small one stops loose.
+    let relative = CgConfig {
+        rule: StopRule::Relative,
+        ..forcing
+    };
+    let (_, rep_rel) = batched_cg(&op, &b, &relative).unwrap();
+    assert_eq!(rep_rel.iterations[0], rep_rel.iterations[1]);
+    assert!(rep_rel.residual[1] > eta[1], "{:?}", rep_rel.residual);
 }

@@ -12,7 +12,7 @@ pub mod svi;
 pub mod unrolled;
 
 pub use svi::{
-    refine, refine_with_hvp, Backtracking, HvpOracle, Refinement, SviConfig, SviMethod,
-    SviOptimizer, SviStep,
+    refine, refine_with_hvp, Backtracking, HvpOracle, NewtonSolve, Refinement, SviConfig,
+    SviMethod, SviOptimizer, SviStep,
 };
 pub use unrolled::{unrolled_backward, UnrolledGrad};

@@ -16,7 +16,9 @@
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use savae_implicit::{column, row_norms, solve_adjoint, BatchedOperator, CgConfig, ShiftedSolve};
+use savae_implicit::{
+    column, row_norms, solve_adjoint, BatchedOperator, CgConfig, ShiftedSolve, StopRule,
+};
 
 /// The inner optimizer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,17 +33,63 @@ pub enum SviOptimizer {
         eps: f64,
     },
     /// Damped Newton ascent with exact Hessian-vector products: per example solve
-    /// (γ + δ − H) d = ∇F by CG (`cg_iters` iterations, δ = 1e-3; a failed solve falls
-    /// back to d = ∇F/(γ+δ)), cap ‖d‖ at `max_step`, and step λ += t·lr·d with t = 1, or
-    /// with `line_search` the per-example backtracked t. It reaches stationarity in a few
-    /// steps where SGD does not, which the implicit gradient needs.
+    /// (γ + δ − H) d = ∇F by CG (at most `cg_iters` iterations, to the residual `solve`
+    /// asks for, δ = 1e-3; a failed solve falls back to d = ∇F/(γ+δ)), cap ‖d‖ at
+    /// `max_step`, and step λ += t·lr·d with t = 1, or with `line_search` the per-example
+    /// backtracked t. It reaches stationarity in a few steps where SGD does not, which
+    /// the implicit gradient needs.
     Newton {
         lr: f64,
         cg_iters: usize,
         max_step: f64,
         /// Per-example backtracking on F (None: the full step, always).
         line_search: Option<Backtracking>,
+        /// How closely each step's direction solves the Newton system.
+        solve: NewtonSolve,
     },
+}
+
+/// How closely a Newton step's CG solves ((γ + δ)I − H) d = ∇F: every iteration is one
+/// Hessian-vector product for the whole batch, the refinement's main cost, and the batch
+/// iterates until its slowest example has converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum NewtonSolve {
+    /// To relative residual 1e-4: the Newton direction itself (newton's and newton-ls's
+    /// behaviour before this option).
+    Exact,
+    /// Inexact (truncated) Newton: each example to relative residual
+    /// η_b = min(½, √‖∇F_b‖) ([`StopRule::NewtonForcing`]) — a rough direction while the
+    /// example is far from its optimum, a tighter one as ‖∇F_b‖ → 0, where the local
+    /// convergence stays superlinear.
+    Inexact,
+}
+
+impl NewtonSolve {
+    /// The CG settings of a step's solve, at most `max_iters` products.
+    pub fn cg(self, max_iters: usize) -> CgConfig {
+        match self {
+            Self::Exact => CgConfig {
+                max_iters,
+                tol: 1e-4,
+                rule: StopRule::Relative,
+            },
+            Self::Inexact => CgConfig {
+                max_iters,
+                tol: 0.5,
+                rule: StopRule::NewtonForcing,
+            },
+        }
+    }
+
+    /// The lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Inexact => "inexact",
+        }
+    }
 }
 
 /// Per-example Armijo backtracking of a Newton step: halve t while
@@ -105,12 +153,14 @@ impl SviMethod {
                 cg_iters: 10,
                 max_step: 2.0,
                 line_search: None,
+                solve: NewtonSolve::Exact,
             },
             Self::NewtonLs => SviOptimizer::Newton {
                 lr,
                 cg_iters: 10,
                 max_step: 2.0,
                 line_search: Some(Backtracking::default()),
+                solve: NewtonSolve::Exact,
             },
         }
     }
@@ -159,6 +209,26 @@ impl SviOptimizer {
     pub fn name(&self) -> &'static str {
         self.method().name()
     }
+
+    /// This optimizer with its Newton steps solved as `solve` says (SGD and Adam: as is).
+    pub fn with_newton_solve(self, solve: NewtonSolve) -> Self {
+        match self {
+            Self::Newton {
+                lr,
+                cg_iters,
+                max_step,
+                line_search,
+                ..
+            } => Self::Newton {
+                lr,
+                cg_iters,
+                max_step,
+                line_search,
+                solve,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Refinement settings.
@@ -198,6 +268,9 @@ pub struct Refinement {
     pub resets: usize,
     /// Halvings of the Newton line search, summed over examples and steps.
     pub backtracks: usize,
+    /// Hessian-vector products of the Newton steps' solves, each for the whole batch
+    /// (the CG iterations of the slowest example, summed over steps; 0 for SGD and Adam).
+    pub hessian_products: usize,
     /// For the unrolled backward (SGD only, when asked): λ_0..λ_{K−1} and each step's
     /// per-example clip scale `[B, 1]`.
     pub path: Option<Vec<(Tensor, Tensor)>>,
@@ -239,6 +312,7 @@ pub fn refine_with_hvp(
     let mut maxes = Vec::with_capacity(cfg.steps + 1);
     let mut last_norms_t = None;
     let mut backtracks = 0;
+    let mut hessian_products = 0;
     // λ ↦ (f(λ), ∇f(λ), H_f(λ)) where step k needs the Hessian (a Newton step follows),
     // else (f, ∇f).
     let evaluate = |lambda: &Tensor, k: usize| -> Result<Evaluation> {
@@ -302,17 +376,16 @@ pub fn refine_with_hvp(
                 cg_iters,
                 max_step,
                 line_search,
+                solve,
             } => {
                 let op = op.ok_or_else(|| anyhow::anyhow!("internal: no HVP operator"))?;
                 let solve = ShiftedSolve {
-                    cg: CgConfig {
-                        max_iters: cg_iters,
-                        tol: 1e-4,
-                    },
+                    cg: solve.cg(cg_iters),
                     damping: 1e-3,
                     retries: 0,
                 };
                 let sol = solve_adjoint(op.as_ref(), &g, cfg.prox, &solve, &[])?;
+                hessian_products += sol.report.products;
                 let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
                 let cap = (dn.recip()? * max_step)?.clamp(0.0, 1.0)?;
                 let d = (sol.u.broadcast_mul(&cap)? * lr)?;
@@ -395,6 +468,7 @@ pub fn refine_with_hvp(
         final_grad_norm: last_norms,
         resets,
         backtracks,
+        hessian_products,
         path,
     })
 }

@@ -8,8 +8,8 @@
 //! [`TrainConfig::validate`] when it has a range).
 
 use crate::options::{
-    require, Activation, EncoderLoss, GradientKind, HvpKind, ModelKind, OuterNoise, Passes,
-    Precision, SettingError, SviMethod,
+    require, Activation, EncoderLoss, GradientKind, HvpKind, ModelKind, NewtonSolve, OuterNoise,
+    Passes, Precision, SettingError, SviMethod,
 };
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -111,6 +111,12 @@ settings! {
     /// per-example backtracking line search on F).
     #[arg(value_enum)]
     svi_optimizer: one SviMethod = SviMethod::Sgd;
+    /// How each step of the newton and newton-ls refinements solves for its direction:
+    /// exact (CG to relative residual 1e-4) or inexact (per example to min(0.5, √‖∇F‖):
+    /// fewer Hessian-vector products far from the optimum, superlinear convergence near it).
+    #[serde(default = "exact_newton")]
+    #[arg(value_enum)]
+    newton_solve: one NewtonSolve = NewtonSolve::Exact;
     /// Early stop of the refinement when every ‖∇F_b‖ is below this (0: never).
     svi_tol: one f64 = 0.0;
     /// Proximal weight γ: refine F(λ) = ELBO(λ) − γ/2 ‖λ − λ0‖².
@@ -184,6 +190,11 @@ settings! {
     #[serde(default = "refined_encoder")]
     #[arg(value_enum)]
     encoder_loss: one EncoderLoss = EncoderLoss::Refined;
+}
+
+/// Runs written before `newton_solve` existed solved each Newton step to 1e-4.
+fn exact_newton() -> NewtonSolve {
+    NewtonSolve::Exact
 }
 
 /// Runs written before `encoder_loss` existed trained through the refinement.
@@ -386,6 +397,15 @@ impl TrainConfig {
             "must be sgd for the unrolled gradient, which differentiates SGD with momentum",
         )?;
         require(
+            self.newton_solve == NewtonSolve::Exact
+                || matches!(self.svi_optimizer, SviMethod::Newton | SviMethod::NewtonLs),
+            "newton_solve",
+            format!(
+                "inexact applies to the newton and newton-ls refinements only (the refinement is {})",
+                self.svi_optimizer.name()
+            ),
+        )?;
+        require(
             !(matches!(model, ModelKind::Svi | ModelKind::Savae) && self.svi_steps == 0),
             "svi_steps",
             format!("must be at least 1 for the model {model}"),
@@ -431,7 +451,10 @@ impl TrainConfig {
     pub fn svi_config(&self) -> savae_inference::SviConfig {
         savae_inference::SviConfig {
             steps: self.svi_steps,
-            optimizer: self.svi_optimizer.with_lr(self.svi_lr),
+            optimizer: self
+                .svi_optimizer
+                .with_lr(self.svi_lr)
+                .with_newton_solve(self.newton_solve),
             prox: self.prox,
             tol: self.svi_tol,
             batch_size: self.batch_size,
@@ -454,6 +477,7 @@ impl TrainConfig {
                             cg: savae_implicit::CgConfig {
                                 max_iters: self.cg_iters,
                                 tol: self.cg_tol,
+                                ..Default::default()
                             },
                             damping: self.cg_damping,
                             retries: self.cg_retries,

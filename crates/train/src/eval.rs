@@ -537,7 +537,9 @@ pub fn evaluate_checkpoint(
         svi.steps = k;
     }
     if let Some(method) = req.svi_optimizer {
-        svi.optimizer = method.with_lr(cfg.svi_lr);
+        svi.optimizer = method
+            .with_lr(cfg.svi_lr)
+            .with_newton_solve(cfg.newton_solve);
     }
     if let Some(prox) = req.prox {
         svi.prox = prox;

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use savae_implicit::HvpKind;
-pub use savae_inference::SviMethod;
+pub use savae_inference::{NewtonSolve, SviMethod};
 pub use savae_model::{Activation, ModelKind, Passes};
 
 /// How the SA-VAE loss is differentiated through the refinement (`savae` only).

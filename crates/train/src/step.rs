@@ -106,6 +106,9 @@ pub struct SviStats {
     pub resets: usize,
     /// Halvings of the Newton line search (`newton-ls`), over examples and steps.
     pub backtracks: usize,
+    /// Batched Hessian-vector products of the Newton steps' solves (the refinement's main
+    /// cost with newton and newton-ls).
+    pub hessian_products: usize,
 }
 
 /// Adjoint-solve diagnostics of a step.
@@ -428,6 +431,7 @@ fn svi_stats(r: &Refinement) -> SviStats {
         final_grad_norm_mean: finite.iter().sum::<f64>() / finite.len().max(1) as f64,
         resets: r.resets,
         backtracks: r.backtracks,
+        hessian_products: r.hessian_products,
     }
 }
 
