@@ -384,7 +384,14 @@ fn gradcheck_passes_on_a_small_fresh_model() {
 /// `--cg-iters` measures what capping the adjoint CG costs against the converged solve.
 #[test]
 fn gradcheck_with_several_draws_and_a_capped_solve() {
-    let out = ok(&small_gradcheck(&["--samples", "3", "--cg-iters", "2"]));
+    let out = ok(&small_gradcheck(&[
+        "--samples",
+        "3",
+        "--cg-iters",
+        "2",
+        "--newton-steps",
+        "2",
+    ]));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["pass"], true, "{v}");
     assert_eq!(v["settings"]["noise_samples"], 3, "{v}");
@@ -401,10 +408,32 @@ fn gradcheck_with_several_draws_and_a_capped_solve() {
     let e = c["rel_err_vs_converged"].as_f64().unwrap();
     assert!(e > 1e-8 && e < 0.5, "{c}");
     assert!(c["cosine"].as_f64().unwrap() > 0.8, "{c}");
-    // Without the flag there is no capped solve.
+    // Two newton-ls steps, exact and inexact: each gradient is near the converged one,
+    // not equal to it, and the inexact solves take fewer products for a less stationary λ_K.
+    let n = v["newton_refinement"].as_array().unwrap();
+    assert_eq!(
+        (n[0]["solve"].as_str(), n[1]["solve"].as_str()),
+        (Some("exact"), Some("inexact")),
+        "{v}"
+    );
+    for r in n {
+        let e = r["rel_err_vs_converged"].as_f64().unwrap();
+        assert!(e > 1e-12 && e < 0.5, "{r}");
+    }
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap();
+    assert!(
+        num(&n[1], "hessian_products") < num(&n[0], "hessian_products"),
+        "{v}"
+    );
+    assert!(
+        num(&n[1], "final_grad_norm_max") > num(&n[0], "final_grad_norm_max"),
+        "{v}"
+    );
+    // Without the flags there is no capped solve and no short refinement.
     let plain = ok(&small_gradcheck(&[]));
     let p: serde_json::Value = serde_json::from_str(plain.trim()).unwrap();
     assert!(p["cg_capped"].is_null(), "{p}");
+    assert_eq!(p["newton_refinement"], serde_json::json!([]), "{p}");
     assert_eq!(p["settings"]["noise_samples"], 1, "{p}");
 }
 

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use savae_implicit::{
     row_dot, row_norms, BatchedOperator, CgConfig, HvpKind, ShiftedNegHessian, ShiftedSolve,
 };
-use savae_inference::{SviConfig, SviOptimizer};
+use savae_inference::{NewtonSolve, SviConfig, SviMethod, SviOptimizer};
 use savae_model::{ModelConfig, Noise, Vae};
 use savae_train::checkpoint;
 use savae_train::options::{Activation, EncoderLoss, ModelKind, OuterNoise, Passes};
@@ -60,6 +60,13 @@ pub struct GradcheckArgs {
     /// costs in accuracy. Not part of `pass`.
     #[arg(long)]
     pub cg_iters: Option<usize>,
+    /// Also take the implicit gradient at the λ_K that this many `newton-ls` steps reach
+    /// (training's refinement, with the exact and with the inexact Newton solve, see
+    /// `savae train --newton-solve`), the adjoint solved as in the converged check, and
+    /// report each one's relative error against the converged optimum's gradient: what a
+    /// short, less stationary refinement costs in accuracy. Not part of `pass`.
+    #[arg(long)]
+    pub newton_steps: Option<usize>,
     /// The noise of the outer loss: fresh (independent draws, the training default) or
     /// same (the refinement's draws).
     #[arg(long, value_enum, default_value_t = OuterNoise::Fresh)]
@@ -163,6 +170,9 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     }
     if a.cg_iters == Some(0) {
         bail!("--cg-iters must be at least 1");
+    }
+    if a.newton_steps == Some(0) {
+        bail!("--newton-steps must be at least 1");
     }
     if a.prox.is_nan() || a.prox <= 0.0 {
         bail!("--prox must be positive (got {})", a.prox);
@@ -295,7 +305,8 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         },
         passes: a.passes,
     };
-    let step = |gradient| train_step_outer(&model, &x, &eps, outer_eps.as_ref(), &cfg(gradient));
+    let step_with = |c: &StepConfig| train_step_outer(&model, &x, &eps, outer_eps.as_ref(), c);
+    let step = |gradient| step_with(&cfg(gradient));
     let imp = step(implicit)?;
     let unr = step(SavaeGradient::Unrolled)?;
     let gi = flat(&imp.grads)?;
@@ -303,6 +314,22 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     let capped = match a.cg_iters {
         Some(iters) => Some(capped_solve(iters, &converged, &gi, &step)?),
         None => None,
+    };
+    let newton = match a.newton_steps {
+        Some(k) => [NewtonSolve::Exact, NewtonSolve::Inexact]
+            .into_iter()
+            .map(|solve| {
+                let mut c = cfg(implicit);
+                c.svi = SviConfig {
+                    steps: k,
+                    optimizer: SviMethod::NewtonLs.with_lr(1.0).with_newton_solve(solve),
+                    tol: 0.0,
+                    ..c.svi
+                };
+                short_refinement(solve, &gi, &step_with(&c)?)
+            })
+            .collect::<Result<Vec<_>>>()?,
+        None => Vec::new(),
     };
     // Finite differences on a random subset of parameters.
     let vars = model.params.vars();
@@ -363,6 +390,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         "final_inner_grad_norm_max": imp.svi.as_ref().map(|s| s.final_grad_norm_max),
         "cg": imp.cg,
         "cg_capped": capped,
+        "newton_refinement": newton,
         "curvature_at_lambda0": curvature,
         "fd_params": checked,
         "settings": settings,
@@ -420,15 +448,53 @@ fn capped_solve(
         ..*base
     }))?;
     let g = flat(&out.grads)?;
-    let dot: f64 = g.iter().zip(converged).map(|(x, y)| x * y).sum();
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     Ok(CappedSolve {
         max_iters: iters,
         tol,
         rel_err_vs_converged: rel_err(&g, converged),
-        cosine: dot / (norm(&g) * norm(converged)),
+        cosine: cosine(&g, converged),
         cg: out.cg,
     })
+}
+
+/// The implicit gradient at the λ_K of a short `newton-ls` refinement (K steps, the
+/// Newton directions solved as `solve` says), against the converged optimum's.
+#[derive(Debug, Clone, Serialize)]
+struct ShortRefinement {
+    solve: &'static str,
+    /// Batched Hessian-vector products of the Newton solves.
+    hessian_products: usize,
+    /// max_b and mean_b ‖∇F_b(λ_K)‖.
+    final_grad_norm_max: f64,
+    final_grad_norm_mean: f64,
+    /// ‖g_K − g‖ / ‖g‖ over every parameter, g the converged optimum's gradient.
+    rel_err_vs_converged: f64,
+    /// g_K · g / (‖g_K‖ ‖g‖).
+    cosine: f64,
+}
+
+fn short_refinement(
+    solve: NewtonSolve,
+    converged: &[f64],
+    out: &StepOutput,
+) -> Result<ShortRefinement> {
+    let g = flat(&out.grads)?;
+    let svi = out.svi.clone().unwrap_or_default();
+    Ok(ShortRefinement {
+        solve: solve.name(),
+        hessian_products: svi.hessian_products,
+        final_grad_norm_max: svi.final_grad_norm_max,
+        final_grad_norm_mean: svi.final_grad_norm_mean,
+        rel_err_vs_converged: rel_err(&g, converged),
+        cosine: cosine(&g, converged),
+    })
+}
+
+/// a · b / (‖a‖ ‖b‖).
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
 }
 
 fn load_model(a: &GradcheckArgs, dev: &Device) -> Result<(Vae, String)> {
