@@ -128,7 +128,8 @@ fn analytic_gradient_hvp_and_mixed_product_match_autograd_for_every_activation()
 
 /// Whole steps on the analytic and on the autograd path give the same loss and
 /// gradients (f64): SA-VAE implicit (refinement and adjoint on the analytic passes) and
-/// unrolled (the recorded path), Newton refinement (its Hessians), the plain VAE, vae-svi
+/// unrolled (the recorded path), Newton refinement (its Hessians) alone and under the
+/// implicit gradient (exact and inexact solves), the plain VAE, vae-svi
 /// and the encoder on its own ELBO (the hand backward of the encoder), every activation, for a
 /// batch in one piece and one in row blocks.
 #[test]
@@ -147,6 +148,15 @@ fn training_steps_agree_on_both_paths() {
             c.svi.optimizer = savae_inference::SviMethod::Newton.with_lr(1.0);
             c
         };
+        // The implicit gradient on line-searched Newton (the adjoint reuses the point the
+        // refinement ends on), with exact and with inexact Newton solves.
+        let implicit_newton_ls = |solve| {
+            let mut c = common::step_cfg(common::savae_implicit(savae_implicit::HvpKind::Exact), 3);
+            c.svi.optimizer = savae_inference::SviMethod::NewtonLs
+                .with_lr(1.0)
+                .with_newton_solve(solve);
+            c
+        };
         let amortized = common::step_cfg(
             Mode::Savae {
                 gradient: savae_train::SavaeGradient::Unrolled,
@@ -161,6 +171,14 @@ fn training_steps_agree_on_both_paths() {
             ),
             ("unrolled", common::step_cfg(common::savae_unrolled(), 60)),
             ("newton", newton),
+            (
+                "implicit, newton-ls",
+                implicit_newton_ls(savae_inference::NewtonSolve::Exact),
+            ),
+            (
+                "implicit, newton-ls inexact",
+                implicit_newton_ls(savae_inference::NewtonSolve::Inexact),
+            ),
             ("vae", common::step_cfg(Mode::Vae, 0)),
             ("vae-svi", common::step_cfg(Mode::VaeSvi, 10)),
             ("savae amortized encoder", amortized),

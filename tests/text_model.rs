@@ -358,7 +358,7 @@ fn lstm_analytic_passes_match_autograd_with_and_without_dropout() {
 /// path (f64, dropout on): the vae step (the encoder's hand backward), implicit SA-VAE
 /// with either encoder loss, vae-svi at B = 3 and at B = 34 (two row blocks); unrolled
 /// SA-VAE, Newton refinement and implicit SA-VAE on the line-searched Newton refinement
-/// (PTB's recipe) at B = 3.
+/// (PTB's recipe; exact and inexact solves) at B = 3.
 #[test]
 fn text_training_steps_agree_on_both_paths() {
     let newton = {
@@ -370,6 +370,14 @@ fn text_training_steps_agree_on_both_paths() {
         let mut c = step_cfg(savae_implicit(HvpKind::Exact), 3);
         c.svi.optimizer = savae_inference::SviMethod::NewtonLs.with_lr(1.0);
         c.svi.prox = 20.0;
+        c
+    };
+    let implicit_newton_ls_inexact = {
+        let mut c = implicit_newton_ls;
+        c.svi.optimizer = c
+            .svi
+            .optimizer
+            .with_newton_solve(savae_inference::NewtonSolve::Inexact);
         c
     };
     let own_encoder = match savae_implicit(HvpKind::Exact) {
@@ -392,6 +400,7 @@ fn text_training_steps_agree_on_both_paths() {
                 ("unrolled", step_cfg(savae_unrolled(), 30)),
                 ("newton", newton),
                 ("implicit, newton-ls", implicit_newton_ls),
+                ("implicit, newton-ls inexact", implicit_newton_ls_inexact),
             ]);
         }
         for (name, base) in cases {

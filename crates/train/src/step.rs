@@ -12,7 +12,7 @@ use savae_implicit::{
     autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
     BatchedOperator, ExactHvp, FdHvp, ShiftedSolve, ValueGrad,
 };
-use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig};
+use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig, SviOptimizer};
 use savae_model::{
     elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, LstmEncoder, LstmEncoderTape,
     Mlp, MlpElbo, MlpTape, Noise, Passes, Vae, VariationalParams,
@@ -312,6 +312,39 @@ impl<'a> InnerElbo<'a> {
         let gf = |l: &Tensor| self.value_and_grad(l);
         let oracle = |l: &Tensor| self.with_hessian(l);
         refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+    }
+
+    /// [`InnerElbo::refine`] keeping, for Newton refinements on the analytic passes, the
+    /// point (with its Hessian cache) at the λ it ends on, which the implicit gradient's
+    /// adjoint solve and mixed product need: without it they evaluate the same λ again.
+    /// None for SGD and Adam (whose every step would pay for the cache), on autograd, and
+    /// where λ_K is not the last λ evaluated (an example was reset to λ0).
+    fn refine_keeping_last(
+        &self,
+        lambda0: &Tensor,
+        svi: &SviConfig,
+    ) -> Result<(Refinement, Option<ElboPoint>)> {
+        let newton = matches!(svi.optimizer, SviOptimizer::Newton { .. });
+        let Some(a) = self.analytic().filter(|_| newton) else {
+            return Ok((self.refine(lambda0, svi, false)?, None));
+        };
+        // The λ-id and point of the latest value-and-gradient evaluation, the Hessian cache
+        // included. Newton asks for these only at the end (the last step's trial points and
+        // λ_K); each replaces the previous one.
+        let last = std::cell::RefCell::new(None);
+        let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
+            let p = a.at(l, true)?;
+            let out = (p.values().clone(), p.grad().clone());
+            *last.borrow_mut() = Some((l.id(), p));
+            Ok(out)
+        };
+        let oracle = |l: &Tensor| self.with_hessian(l);
+        let r = refine_with_hvp(&gf, Some(&oracle), lambda0, svi, false)?;
+        let point = match last.into_inner() {
+            Some((id, p)) if id == r.lambda.id() => Some(p),
+            _ => None,
+        };
+        Ok((r, point))
     }
 
     /// [`InnerElbo::refine`] keeping its path for the unrolled backward and, on the
@@ -807,13 +840,12 @@ fn savae_step(
 ) -> Result<StepOutput> {
     let (model, b) = (s.model, s.x.len() as f64);
     let unrolled = gradient == SavaeGradient::Unrolled;
-    let (r, points) = if unrolled {
-        s.inner().refine_for_unrolled(&s.lambda0.0, svi)?
+    let (r, points, at_optimum) = if unrolled {
+        let (r, points) = s.inner().refine_for_unrolled(&s.lambda0.0, svi)?;
+        (r, points, None)
     } else {
-        (
-            s.inner().refine(&s.lambda0.0, svi, false)?,
-            Points::default(),
-        )
+        let (r, last) = s.inner().refine_keeping_last(&s.lambda0.0, svi)?;
+        (r, Points::default(), last)
     };
     let e0 = r
         .trace
@@ -850,7 +882,8 @@ fn savae_step(
         }
         SavaeGradient::Implicit(imp) => {
             let outer_is_inner = at_opt.as_ref().filter(|_| s.outer_eps.is_none());
-            let (l0, dec, stats) = implicit_gradient(s, &r, &g, svi.prox, &imp, outer_is_inner)?;
+            let (l0, dec, stats) =
+                implicit_gradient(s, &r, &g, svi.prox, &imp, outer_is_inner, at_optimum)?;
             (l0, dec, Some(stats))
         }
     };
@@ -911,7 +944,8 @@ fn unrolled_gradient(
 /// ∂L/∂λ0 = γu and the mixed term ∇_θ(uᵀ ∇_λ ELBO(λ*)) from the adjoint solve
 /// ((γ + δ) I − H) u = g, with H the Hessian of the inner ELBO at λ*. `outer_is_inner`
 /// is the ELBO at λ* already computed on the refinement's draws, when the outer loss uses
-/// them (its graph then gives the mixed term).
+/// them (its graph then gives the mixed term); `at_optimum` the analytic point at λ* that
+/// the refinement left, if it did.
 fn implicit_gradient(
     s: &SavaeInputs,
     r: &Refinement,
@@ -919,6 +953,7 @@ fn implicit_gradient(
     gamma: f64,
     imp: &ImplicitGradient,
     outer_is_inner: Option<&ValueGrad>,
+    at_optimum: Option<ElboPoint>,
 ) -> Result<(Tensor, Vec<Tensor>, CgStats)> {
     let untrusted: Vec<bool> = r
         .final_grad_norm
@@ -929,9 +964,10 @@ fn implicit_gradient(
     let rel = FdHvp::<fn(&Tensor) -> Result<Tensor>>::default_rel_step(r.lambda.dtype());
     // HVPs of the constant-decoder objective (no parameter gradients).
     // The analytic point at λ* serves the products and the mixed term.
-    let point = match imp.hvp {
-        HvpKind::Exact => inner.analytic_point(&r.lambda)?,
-        HvpKind::FiniteDifference => None,
+    let point = match (imp.hvp, at_optimum) {
+        (HvpKind::Exact, Some(p)) => Some(p),
+        (HvpKind::Exact, None) => inner.analytic_point(&r.lambda)?,
+        (HvpKind::FiniteDifference, _) => None,
     };
     let op: Box<dyn BatchedOperator + '_> = match (imp.hvp, &point) {
         (HvpKind::Exact, Some(p)) => Box::new(PointHvp(p)),
