@@ -6,8 +6,9 @@
 For each recipe, runs `savae train --init-from CHECKPOINT --kl-start B --epochs 1
 --log-every 1 FLAGS` in a scratch folder for S seconds (then SIGTERM), and prints one JSON
 line: seconds per step, examples that took the non-stationary fallback per step, the mean
-and largest ‖∇F(λ_K)‖, CG iterations, the Newton solves' Hessian-vector products. Every recipe sees the same batches in the same order
-(the same seed and epoch). With the default --lr 1e-7 the weights hardly move, so the
+and largest ‖∇F(λ_K)‖, CG iterations, the Newton solves' Hessian-vector products. Every
+recipe sees the same batches in the same order (the same seed and epoch): compare two
+recipes on the steps both reached. With the default --lr 1e-7 the weights hardly move, so the
 recipes are compared on the checkpoint's own model (Adam restarts under --init-from, and
 its first steps at a normal rate would move it). The dataset and the architecture are the
 checkpoint's; pass them in FLAGS if they are not the defaults (e.g. --dataset ptb).
