@@ -2,10 +2,10 @@
 //!
 //! All examples iterate together (one operator call per iteration applies every block),
 //! each with its own α_b = r_bᵀr_b / p_bᵀA_b p_b and β_b = r'_bᵀr'_b / r_bᵀr_b. An
-//! example stops on its own: converged (‖r_b‖ ≤ η_b·‖b_b‖, η_b by the [`StopRule`]), negative curvature
-//! (p_bᵀA_b p_b ≤ 0: A_b is not positive definite), or non-finite arithmetic; the others
-//! carry on unaffected. Examples still running after `max_iters` end as `MaxIterations`
-//! with their current iterate and residual reported.
+//! example stops on its own: converged (‖r_b‖ ≤ η_b·‖b_b‖, η_b by the [`StopRule`]),
+//! negative curvature (p_bᵀA_b p_b ≤ 0: A_b is not positive definite), or non-finite
+//! arithmetic; the others carry on unaffected. Examples still running after `max_iters`
+//! end as `MaxIterations` with their current iterate and residual reported.
 
 use crate::operator::BatchedOperator;
 use anyhow::Result;

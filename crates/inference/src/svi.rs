@@ -8,8 +8,9 @@
 //! coordinate. Early stop: when every example's ‖∇F_b(λ_k)‖ is below `tol`.
 //! Examples whose λ or f becomes non-finite are reset to λ0 and counted.
 //!
-//! Newton (see [`SviOptimizer::Newton`]) steps along d = ((γ + δ)I − H)⁻¹ ∇F. Optionally
-//! each example backtracks (Armijo): the step t·d is taken with the largest t ∈ {1, ½, ¼, …}
+//! Newton (see [`SviOptimizer::Newton`]) steps along d = ((γ + δ)I − H)⁻¹ ∇F, solved by
+//! CG exactly or to inexact Newton's forcing term ([`NewtonSolve`]). Optionally each
+//! example backtracks (Armijo): the step t·d is taken with the largest t ∈ {1, ½, ¼, …}
 //! such that F(λ + t d) ≥ F(λ) + c t ∇F·d. A trial point's evaluation is the next step's
 //! (the value, gradient and Hessian it needs are the same), so a step every example
 //! accepts at t = 1 costs nothing more than plain Newton.
