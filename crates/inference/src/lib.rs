@@ -5,8 +5,8 @@
 //!   F(λ) = f(λ) − (γ/2) ‖λ − λ0‖²
 //! with SGD with momentum (the SA-VAE scheme), Adam, or damped Newton steps on
 //! Hessian-vector products (each direction solved exactly or inexactly, [`NewtonSolve`]),
-//! optionally with a per-example backtracking line search ([`svi`]), and differentiate the unrolled SGD recursion in reverse mode ([`unrolled`],
-//! Algorithm 1 of Kim et al. 2018).
+//! optionally with a per-example backtracking line search ([`svi`]), and differentiate the
+//! unrolled SGD recursion in reverse mode ([`unrolled`], Algorithm 1 of Kim et al. 2018).
 
 pub mod svi;
 pub mod unrolled;

@@ -212,23 +212,11 @@ impl SviOptimizer {
     }
 
     /// This optimizer with its Newton steps solved as `solve` says (SGD and Adam: as is).
-    pub fn with_newton_solve(self, solve: NewtonSolve) -> Self {
-        match self {
-            Self::Newton {
-                lr,
-                cg_iters,
-                max_step,
-                line_search,
-                ..
-            } => Self::Newton {
-                lr,
-                cg_iters,
-                max_step,
-                line_search,
-                solve,
-            },
-            other => other,
+    pub fn with_newton_solve(mut self, solve: NewtonSolve) -> Self {
+        if let Self::Newton { solve: s, .. } = &mut self {
+            *s = solve;
         }
+        self
     }
 }
 

@@ -447,14 +447,19 @@ impl TrainConfig {
         self.dtype.dtype()
     }
 
+    /// The refinement optimizer `method` with this run's step size and Newton solve (the
+    /// run's own, or another method asked for at evaluation).
+    pub fn svi_optimizer_of(&self, method: SviMethod) -> savae_inference::SviOptimizer {
+        method
+            .with_lr(self.svi_lr)
+            .with_newton_solve(self.newton_solve)
+    }
+
     /// The refinement of this run.
     pub fn svi_config(&self) -> savae_inference::SviConfig {
         savae_inference::SviConfig {
             steps: self.svi_steps,
-            optimizer: self
-                .svi_optimizer
-                .with_lr(self.svi_lr)
-                .with_newton_solve(self.newton_solve),
+            optimizer: self.svi_optimizer_of(self.svi_optimizer),
             prox: self.prox,
             tol: self.svi_tol,
             batch_size: self.batch_size,

@@ -537,9 +537,7 @@ pub fn evaluate_checkpoint(
         svi.steps = k;
     }
     if let Some(method) = req.svi_optimizer {
-        svi.optimizer = method
-            .with_lr(cfg.svi_lr)
-            .with_newton_solve(cfg.newton_solve);
+        svi.optimizer = cfg.svi_optimizer_of(method);
     }
     if let Some(prox) = req.prox {
         svi.prox = prox;
