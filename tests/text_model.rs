@@ -380,6 +380,14 @@ fn text_training_steps_agree_on_both_paths() {
             .with_newton_solve(savae_inference::NewtonSolve::Inexact);
         c
     };
+    // Each example stopping on its own (PTB's recipe): the refinement evaluates the rows
+    // still moving, and the adjoint evaluates λ_K again.
+    let implicit_newton_ls_tol = {
+        let mut c = implicit_newton_ls;
+        c.svi.steps = 6;
+        c.svi.tol = 1e-3;
+        c
+    };
     let own_encoder = match savae_implicit(HvpKind::Exact) {
         Mode::Savae { gradient, .. } => Mode::Savae {
             gradient,
@@ -401,6 +409,7 @@ fn text_training_steps_agree_on_both_paths() {
                 ("newton", newton),
                 ("implicit, newton-ls", implicit_newton_ls),
                 ("implicit, newton-ls inexact", implicit_newton_ls_inexact),
+                ("implicit, newton-ls to a tolerance", implicit_newton_ls_tol),
             ]);
         }
         for (name, base) in cases {
@@ -508,5 +517,59 @@ fn lstm_row_blocks_give_the_whole_batch_result() {
     assert!(rel(&hv, &want_hv) < 1e-14);
     for (k, (g, w)) in mixed.iter().zip(&want_mixed).enumerate() {
         assert!(rel(g, w) < 1e-12, "mixed product {k}");
+    }
+}
+
+/// The Newton refinement stops each sentence on its own (`tol`) and evaluates only those
+/// still moving — their rows of the batch, with their dropout masks and draws: on both
+/// paths every sentence ends where it ends when refined alone (f64).
+#[test]
+fn newton_refinement_stops_each_sentence_on_its_own() {
+    use savae_train::step::refine_elbo;
+    let b = 6;
+    let (model, x, eps) = setup_n(true, b);
+    let dec = model.decoder.detached();
+    let lambda0 = Tensor::from_vec(
+        (0..b * 4)
+            .map(|i| ((i as f64) * 0.91).cos() * 1.5)
+            .collect::<Vec<_>>(),
+        (b, 4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let svi = SviConfig {
+        steps: 10,
+        optimizer: savae_inference::SviMethod::NewtonLs.with_lr(1.0),
+        prox: 1.0,
+        tol: 1e-8,
+        batch_size: b,
+    };
+    for passes in [savae_model::Passes::Analytic, savae_model::Passes::Autograd] {
+        let r = refine_elbo(&dec, &x, &eps, 0.8, &lambda0, &svi, false, passes).unwrap();
+        assert!(
+            r.final_grad_norm.iter().all(|&g| g < 1e-8),
+            "{passes:?}: {:?}",
+            r.final_grad_norm
+        );
+        let mut alone_steps = vec![];
+        let mut alone_rows = 0;
+        for i in 0..b {
+            let xi = x.rows(i, 1).unwrap();
+            let ei = Noise(eps.0.narrow(1, i, 1).unwrap());
+            let li = lambda0.narrow(0, i, 1).unwrap();
+            let ri = refine_elbo(&dec, &xi, &ei, 0.8, &li, &svi, false, passes).unwrap();
+            let e = rel(&r.lambda.narrow(0, i, 1).unwrap(), &ri.lambda);
+            assert!(e < 1e-10, "{passes:?}, sentence {i}: {e:e}");
+            alone_steps.push(ri.steps);
+            alone_rows += ri.evaluated_rows;
+        }
+        assert!(
+            alone_steps.iter().min() < alone_steps.iter().max(),
+            "the sentences should need different numbers of steps: {alone_steps:?}"
+        );
+        assert_eq!(r.steps, *alone_steps.iter().max().unwrap(), "{passes:?}");
+        // The rows the sentences alone evaluate, and the Hessians of the moving ones
+        // evaluated again where the last evaluations covered twice as many.
+        assert!(r.evaluated_rows >= alone_rows, "{passes:?}");
     }
 }

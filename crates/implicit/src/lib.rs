@@ -10,7 +10,9 @@
 //! - [`cg`]: batched conjugate gradient with per-example step sizes, residuals and
 //!   status, and a fallback for failed examples;
 //! - [`mixed`]: the mixed product ∇_θ(uᵀ ∇_λ f) by double backward or differences;
-//! - [`adjoint`]: the implicit-function-theorem adjoint of a proximal inner problem.
+//! - [`adjoint`]: the implicit-function-theorem adjoint of a proximal inner problem;
+//! - [`rows`]: some of a batch's examples, and an operator assembled from evaluations
+//!   that covered different rows (so a solver can stop working on the examples done).
 //!
 //! Math (see `shared/design/implicit-gradient.md`): at λ* = argmax_λ f(λ; θ) − γ/2‖λ − λ0‖²
 //! with H = ∇²_λ f(λ*), solve (γI − H) u = g for g = ∇_λ L(λ*); then ∂L/∂λ0 = γu and
@@ -21,12 +23,14 @@ pub mod autodiff;
 pub mod cg;
 pub mod mixed;
 pub mod operator;
+pub mod rows;
 
 pub use adjoint::{solve_adjoint, AdjointSolution, ShiftedSolve};
 pub use autodiff::{enable_second_order, ensure_second_order, value_and_grad, ValueGrad};
 pub use cg::{batched_cg, CgConfig, CgReport, CgStatus, StopRule};
 pub use mixed::{mixed_product_exact, mixed_product_fd};
 pub use operator::{BatchedOperator, ExactHvp, FdHvp, HvpKind, ShiftedNegHessian};
+pub use rows::{RowBlocks, RowBlocksOn, Rows, RowsOf};
 
 use candle_core::{DType, Tensor};
 

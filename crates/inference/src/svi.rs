@@ -5,21 +5,23 @@
 //!   m_{k+1} = μ m_k + G_k,   λ_{k+1} = λ_k + α m_{k+1},   m_0 = 0.
 //! Clipping is per example (‖∇F_b‖ ≤ 5 before scaling), so that no example's refinement
 //! depends on the others in its batch. Adam uses the usual bias-corrected moments per
-//! coordinate. Early stop: when every example's ‖∇F_b(λ_k)‖ is below `tol`.
+//! coordinate. Their early stop: when every example's ‖∇F_b(λ_k)‖ is below `tol` (the
+//! steps couple the batch: SGD's acts on the batch-mean loss).
 //! Examples whose λ or f becomes non-finite are reset to λ0 and counted.
 //!
-//! Newton (see [`SviOptimizer::Newton`]) steps along d = ((γ + δ)I − H)⁻¹ ∇F, solved by
-//! CG exactly or to inexact Newton's forcing term ([`NewtonSolve`]). Optionally each
-//! example backtracks (Armijo): the step t·d is taken with the largest t ∈ {1, ½, ¼, …}
-//! such that F(λ + t d) ≥ F(λ) + c t ∇F·d. A trial point's evaluation is the next step's
-//! (the value, gradient and Hessian it needs are the same), so a step every example
-//! accepts at t = 1 costs nothing more than plain Newton.
+//! Newton (see [`SviOptimizer::Newton`], [`crate::newton`]) steps along
+//! d = ((γ + δ)I − H)⁻¹ ∇F, solved by CG exactly or to inexact Newton's forcing term
+//! ([`NewtonSolve`]). Optionally each example backtracks (Armijo): the step t·d is taken
+//! with the largest t ∈ {1, ½, ¼, …} such that F(λ + t d) ≥ F(λ) + c t ∇F·d. A trial
+//! point's evaluation is the next step's (the value, gradient and Hessian it needs are the
+//! same), so a step every example accepts at t = 1 costs nothing more than plain Newton.
+//! Newton's early stop is per example: each stops once its own ‖∇F_b‖ < `tol`, and only
+//! the examples still moving are evaluated.
 
+use crate::newton::{refine_newton, NewtonSettings, RowsGradFn, RowsHvpOracle};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
-use savae_implicit::{
-    column, row_norms, solve_adjoint, BatchedOperator, CgConfig, ShiftedSolve, StopRule,
-};
+use savae_implicit::{column, row_norms, BatchedOperator, CgConfig, Rows, RowsOf, StopRule};
 
 /// The inner optimizer.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -227,7 +229,8 @@ pub struct SviConfig {
     pub optimizer: SviOptimizer,
     /// Proximal weight γ ≥ 0.
     pub prox: f64,
-    /// Early-stop tolerance on every example's ‖∇F_b‖ (0 disables).
+    /// Early-stop tolerance on ‖∇F_b‖ (0 disables): Newton stops each example once its
+    /// own is below it; SGD and Adam stop the batch once every example's is.
     pub tol: f64,
     /// The nominal batch size; SGD's step acts on the loss averaged over it.
     pub batch_size: usize,
@@ -257,9 +260,12 @@ pub struct Refinement {
     pub resets: usize,
     /// Halvings of the Newton line search, summed over examples and steps.
     pub backtracks: usize,
-    /// Hessian-vector products of the Newton steps' solves, each for the whole batch
-    /// (the CG iterations of the slowest example, summed over steps; 0 for SGD and Adam).
+    /// Hessian-vector products of the Newton steps' solves, each for the examples still
+    /// moving (the CG iterations of the slowest, summed over steps; 0 for SGD and Adam).
     pub hessian_products: usize,
+    /// Examples evaluated (value and gradient, with the Hessian for Newton), summed over
+    /// the evaluations: (K + 1)·B for SGD and Adam; for Newton fewer as examples stop.
+    pub evaluated_rows: usize,
     /// For the unrolled backward (SGD only, when asked): λ_0..λ_{K−1} and each step's
     /// per-example clip scale `[B, 1]`.
     pub path: Option<Vec<(Tensor, Tensor)>>,
@@ -280,9 +286,93 @@ pub fn refine(
 pub type HvpOracle<'a> = dyn Fn(&Tensor) -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> + 'a;
 
 /// [`refine`] with Hessian-vector products available (needed by the Newton optimizer).
+/// The objective is evaluated for the whole batch each time: [`refine_rows`] with an
+/// objective that can evaluate some of its rows saves the work on the examples done.
 pub fn refine_with_hvp(
     grad_fn: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
     hvp: Option<&HvpOracle<'_>>,
+    lambda0: &Tensor,
+    cfg: &SviConfig,
+    keep_path: bool,
+) -> Result<Refinement> {
+    let nb = lambda0.dim(0)?;
+    let device = lambda0.device().clone();
+    let rows_of = |index: Option<&Tensor>| -> Result<Rows> {
+        match index {
+            None => Ok(Rows::all(nb, &device)),
+            Some(i) => Rows::of(i.to_vec1::<u32>()?, nb, &device),
+        }
+    };
+    let gf = |l: &Tensor, index: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+        let rows = rows_of(index)?;
+        let (v, g) = grad_fn(l)?;
+        Ok((rows.gather(&v)?, rows.gather(&g)?))
+    };
+    let oracle = hvp.map(|h| {
+        move |l: &Tensor,
+              index: Option<&Tensor>|
+              -> Result<(Tensor, Tensor, Box<dyn BatchedOperator>)> {
+            let rows = rows_of(index)?;
+            let (v, g, op) = h(l)?;
+            if rows.is_all() {
+                return Ok((v, g, op));
+            }
+            Ok((
+                rows.gather(&v)?,
+                rows.gather(&g)?,
+                Box::new(RowsOf { op, rows }),
+            ))
+        }
+    });
+    refine_rows(
+        &gf,
+        oracle.as_ref().map(|o| o as &RowsHvpOracle<'_>),
+        lambda0,
+        cfg,
+        keep_path,
+    )
+}
+
+/// Refines `lambda0` (detached) with an objective that evaluates the rows it is asked for
+/// ([`RowsGradFn`], [`RowsHvpOracle`]; Newton needs the latter). With `keep_path`
+/// (SGD only), records what [`crate::unrolled_backward`] needs.
+pub fn refine_rows(
+    grad_fn: &RowsGradFn<'_>,
+    hvp: Option<&RowsHvpOracle<'_>>,
+    lambda0: &Tensor,
+    cfg: &SviConfig,
+    keep_path: bool,
+) -> Result<Refinement> {
+    match (cfg.optimizer, hvp) {
+        (
+            SviOptimizer::Newton {
+                lr,
+                cg_iters,
+                max_step,
+                line_search,
+                solve,
+            },
+            Some(h),
+        ) => {
+            let settings = NewtonSettings {
+                lr,
+                cg_iters,
+                max_step,
+                line_search,
+                solve,
+            };
+            refine_newton(grad_fn, h, lambda0, cfg, settings)
+        }
+        (SviOptimizer::Newton { .. }, None) => {
+            bail!("internal: the Newton refinement needs Hessian-vector products")
+        }
+        _ => refine_first_order(&|l| grad_fn(l, None), lambda0, cfg, keep_path),
+    }
+}
+
+/// SGD or Adam: every example takes every step until all are below `tol`.
+fn refine_first_order(
+    grad_fn: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
     lambda0: &Tensor,
     cfg: &SviConfig,
     keep_path: bool,
@@ -300,32 +390,10 @@ pub fn refine_with_hvp(
     let mut means = Vec::with_capacity(cfg.steps + 1);
     let mut maxes = Vec::with_capacity(cfg.steps + 1);
     let mut last_norms_t = None;
-    let mut backtracks = 0;
-    let mut hessian_products = 0;
-    // λ ↦ (f(λ), ∇f(λ), H_f(λ)) where step k needs the Hessian (a Newton step follows),
-    // else (f, ∇f).
-    let evaluate = |lambda: &Tensor, k: usize| -> Result<Evaluation> {
-        match (cfg.optimizer, hvp) {
-            (SviOptimizer::Newton { .. }, Some(h)) if k < cfg.steps => {
-                let (v, g, op) = h(lambda)?;
-                Ok((v, g, Some(op)))
-            }
-            (SviOptimizer::Newton { .. }, None) => {
-                bail!("internal: the Newton refinement needs Hessian-vector products")
-            }
-            _ => {
-                let (v, g) = grad_fn(lambda)?;
-                Ok((v, g, None))
-            }
-        }
-    };
-    // The line search's accepted trial: already evaluated at the next λ.
-    let mut pending: Option<Evaluation> = None;
+    let mut evaluated_rows = 0;
     for k in 0..=cfg.steps {
-        let (values, g, op) = match pending.take() {
-            Some(e) => e,
-            None => evaluate(&lambda, k)?,
-        };
+        let (values, g) = grad_fn(&lambda)?;
+        evaluated_rows += nb;
         let g = if cfg.prox > 0.0 {
             (g - ((&lambda - &lambda0)? * cfg.prox)?)?
         } else {
@@ -360,45 +428,6 @@ pub fn refine_with_hvp(
                 m = ((&m * momentum)? + g.broadcast_mul(&(c * scale)?)?)?;
                 lambda = (&lambda + (&m * lr)?)?;
             }
-            SviOptimizer::Newton {
-                lr,
-                cg_iters,
-                max_step,
-                line_search,
-                solve,
-            } => {
-                let op = op.ok_or_else(|| anyhow::anyhow!("internal: no HVP operator"))?;
-                let solve = ShiftedSolve {
-                    cg: solve.cg(cg_iters),
-                    damping: 1e-3,
-                    retries: 0,
-                };
-                let sol = solve_adjoint(op.as_ref(), &g, cfg.prox, &solve, &[])?;
-                hessian_products += sol.report.products;
-                let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
-                let cap = (dn.recip()? * max_step)?.clamp(0.0, 1.0)?;
-                let d = (sol.u.broadcast_mul(&cap)? * lr)?;
-                match line_search {
-                    None => lambda = (&lambda + d)?,
-                    Some(ls) => {
-                        let f0 = proximal_objective(&values, &lambda, &lambda0, cfg.prox)?;
-                        let (next, e, halvings) = backtrack(
-                            &evaluate,
-                            k + 1,
-                            &lambda,
-                            &lambda0,
-                            cfg.prox,
-                            &f0,
-                            &g,
-                            &d,
-                            &ls,
-                        )?;
-                        lambda = next;
-                        pending = Some(e);
-                        backtracks += halvings;
-                    }
-                }
-            }
             SviOptimizer::Adam {
                 lr,
                 beta1,
@@ -412,6 +441,9 @@ pub fn refine_with_hvp(
                 let vhat = (&v / (1.0 - beta2.powi(t)))?;
                 lambda = (&lambda + (mhat / (vhat.sqrt()? + eps)?)?.affine(lr, 0.0)?)?;
             }
+            SviOptimizer::Newton { .. } => {
+                bail!("internal: Newton refines in refine_newton")
+            }
         }
         steps += 1;
     }
@@ -424,119 +456,52 @@ pub fn refine_with_hvp(
             max_grad_norm: maxes[k],
         })
         .collect();
-    let mut last_norms = match last_norms_t {
+    let last_norms = match last_norms_t {
         Some(t) => t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
         None => vec![f64::NAN; nb],
     };
-    // Reset diverged examples to λ0.
-    let bad: Vec<bool> = last_norms.iter().map(|n| !n.is_finite()).collect();
-    let lam_ok = row_norms(&lambda)?;
-    let bad: Vec<bool> = bad
-        .iter()
-        .zip(&lam_ok)
-        .map(|(b, l)| *b || !l.is_finite())
-        .collect();
-    let resets = bad.iter().filter(|&&b| b).count();
-    if resets > 0 {
-        let keep: Vec<f64> = bad.iter().map(|&b| if b { 0.0 } else { 1.0 }).collect();
-        let mask = column(&keep, &lambda)?
-            .ne(0.0)?
-            .broadcast_as(lambda.shape())?
-            .contiguous()?;
-        lambda = mask.where_cond(&lambda, &lambda0)?;
-        for (n, b) in last_norms.iter_mut().zip(&bad) {
-            if *b {
-                *n = f64::NAN;
-            }
-        }
-    }
-    Ok(Refinement {
+    let mut r = Refinement {
         lambda,
         steps,
         trace,
         final_grad_norm: last_norms,
-        resets,
-        backtracks,
-        hessian_products,
+        resets: 0,
+        backtracks: 0,
+        hessian_products: 0,
+        evaluated_rows,
         path,
-    })
+    };
+    r.reset_diverged(&lambda0)?;
+    Ok(r)
 }
 
-/// The unit roundoff of `dtype` (half the gap between 1 and the next number).
-fn unit_roundoff(dtype: DType) -> f64 {
-    match dtype {
-        DType::F64 => f64::EPSILON / 2.0,
-        DType::F32 => f32::EPSILON as f64 / 2.0,
-        // Half-precision types: 2^-11 (f16), 2^-8 (bf16).
-        DType::F16 => 4.9e-4,
-        _ => 3.9e-3,
-    }
-}
-
-/// (f(λ): [B], ∇_λ Σ f: [B, n], H_f(λ) where asked for).
-type Evaluation = (Tensor, Tensor, Option<Box<dyn BatchedOperator>>);
-
-/// F(λ) = f(λ) − γ/2 ‖λ − λ0‖² per example: `[B, 1]`.
-fn proximal_objective(
-    values: &Tensor,
-    lambda: &Tensor,
-    lambda0: &Tensor,
-    prox: f64,
-) -> Result<Tensor> {
-    let f = values.reshape((values.elem_count(), 1))?;
-    if prox > 0.0 {
-        let sq = (lambda - lambda0)?.sqr()?.sum_keepdim(1)?;
-        Ok((f - (sq * (prox / 2.0))?)?)
-    } else {
-        Ok(f)
-    }
-}
-
-/// Per-example Armijo backtracking from `lambda` along `d` (an ascent direction of F,
-/// whose gradient there is `g`, value `f0: [B, 1]`): returns the accepted λ, its
-/// evaluation (for step `next_k`) and the number of halvings taken over the examples.
-#[allow(clippy::too_many_arguments)]
-fn backtrack(
-    evaluate: &dyn Fn(&Tensor, usize) -> Result<Evaluation>,
-    next_k: usize,
-    lambda: &Tensor,
-    lambda0: &Tensor,
-    prox: f64,
-    f0: &Tensor,
-    g: &Tensor,
-    d: &Tensor,
-    ls: &Backtracking,
-) -> Result<(Tensor, Evaluation, usize)> {
-    // Armijo's bound per unit step: c ∇F·d, [B, 1].
-    let slope = ((g * d)?.sum_keepdim(1)? * ls.armijo)?;
-    let mut t = f0.ones_like()?;
-    let mut halvings = 0;
-    let mut trial = 0;
-    loop {
-        let candidate = (lambda + d.broadcast_mul(&t)?)?;
-        let e = evaluate(&candidate, next_k)?;
-        if trial == ls.max_halvings {
-            return Ok((candidate, e, halvings));
-        }
-        let f1 = proximal_objective(&e.0, &candidate, lambda0, prox)?;
-        // Accepted where F rose by Armijo's margin, up to the rounding of F itself: near
-        // the optimum a step's true gain falls below one ulp of F (f32: 1e-5 at F ≈ 100),
-        // and comparing rounded values would reject it for noise and halve for nothing.
-        // A NaN compares false: rejected.
-        let rounding = (f0.abs()? * (8.0 * unit_roundoff(f0.dtype())))?;
-        let ok = f1.ge(&((f0 + (&slope * &t)?)? - rounding)?)?;
-        let rejected = ok
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?
+impl Refinement {
+    /// Resets the examples whose ‖∇F_b‖ or λ_b is not finite to λ0 (their norm becomes
+    /// NaN) and counts them in `resets`.
+    pub(crate) fn reset_diverged(&mut self, lambda0: &Tensor) -> Result<()> {
+        let lam_ok = row_norms(&self.lambda)?;
+        let bad: Vec<bool> = self
+            .final_grad_norm
             .iter()
-            .filter(|&&a| a == 0.0)
-            .count();
-        if rejected == 0 {
-            return Ok((candidate, e, halvings));
+            .zip(&lam_ok)
+            .map(|(n, l)| !n.is_finite() || !l.is_finite())
+            .collect();
+        let resets = bad.iter().filter(|&&b| b).count();
+        if resets == 0 {
+            return Ok(());
         }
-        halvings += rejected;
-        t = ok.where_cond(&t, &(&t * 0.5)?)?;
-        trial += 1;
+        let keep: Vec<f64> = bad.iter().map(|&b| if b { 0.0 } else { 1.0 }).collect();
+        let mask = column(&keep, &self.lambda)?
+            .ne(0.0)?
+            .broadcast_as(self.lambda.shape())?
+            .contiguous()?;
+        self.lambda = mask.where_cond(&self.lambda, lambda0)?;
+        for (n, b) in self.final_grad_norm.iter_mut().zip(&bad) {
+            if *b {
+                *n = f64::NAN;
+            }
+        }
+        self.resets += resets;
+        Ok(())
     }
 }

@@ -384,3 +384,139 @@ fn inexact_newton_takes_fewer_hessian_products_and_still_converges() {
     let sgd = SviOptimizer::parse("sgd", 1.0).unwrap();
     assert_eq!(sgd.with_newton_solve(NewtonSolve::Inexact), sgd);
 }
+
+/// f_b(λ) = Σ_j −√(1 + (λ_bj − c_bj)²) on the rows asked for, with its exact Hessian
+/// (diagonal: −(1 + x²)^{-3/2}), counting the rows evaluated in `rows_seen`.
+#[allow(clippy::type_complexity)]
+fn sqrt_rows<'a>(
+    c: &'a Tensor,
+    rows_seen: &'a std::cell::Cell<usize>,
+) -> (
+    impl Fn(&Tensor, Option<&Tensor>) -> Result<(Tensor, Tensor)> + 'a,
+    impl Fn(
+            &Tensor,
+            Option<&Tensor>,
+        ) -> Result<(Tensor, Tensor, Box<dyn savae_implicit::BatchedOperator>)>
+        + 'a,
+) {
+    struct Diag(Tensor);
+    impl savae_implicit::BatchedOperator for Diag {
+        fn apply(&self, v: &Tensor) -> Result<Tensor> {
+            Ok((v * &self.0)?)
+        }
+    }
+    let parts = move |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor, Tensor)> {
+        let (l, c) = match rows {
+            Some(r) => (l.index_select(r, 0)?, c.index_select(r, 0)?),
+            None => (l.clone(), c.clone()),
+        };
+        rows_seen.set(rows_seen.get() + l.dim(0)?);
+        let x = (l - c)?;
+        let s = (x.sqr()? + 1.0)?.sqrt()?;
+        let v = s.neg()?.sum(1)?;
+        let g = (x.neg()? / &s)?;
+        let h = (s.powf(3.0)?.recip()?).neg()?;
+        Ok((v, g, h))
+    };
+    let gf = move |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+        let (v, g, _) = parts(l, rows)?;
+        Ok((v, g))
+    };
+    let oracle = move |l: &Tensor, rows: Option<&Tensor>| {
+        let (v, g, h) = parts(l, rows)?;
+        let op: Box<dyn savae_implicit::BatchedOperator> = Box::new(Diag(h));
+        Ok((v, g, op))
+    };
+    (gf, oracle)
+}
+
+#[test]
+fn newton_stops_each_example_on_its_own_and_evaluates_only_those_still_moving() {
+    use savae_inference::{refine_rows, refine_with_hvp};
+    // Four examples at different distances from their optimum (|λ0 − c| from 1e-3 to
+    // 1.5, where the full step overshoots and the line search halves it), γ = 0.05.
+    let dev = Device::Cpu;
+    let c = Tensor::new(&[[1e-3f64, 0.0], [0.3, -0.2], [1.5, 0.0], [0.8, 1.2]], &dev).unwrap();
+    let l0 = Tensor::zeros((4, 2), candle_core::DType::F64, &dev).unwrap();
+    // Uncapped steps, so that the full step from 1.5 overshoots to −2.3 and is halved.
+    let opt = match SviOptimizer::parse("newton-ls", 1.0).unwrap() {
+        SviOptimizer::Newton {
+            lr,
+            cg_iters,
+            line_search,
+            solve,
+            ..
+        } => SviOptimizer::Newton {
+            lr,
+            cg_iters,
+            max_step: f64::INFINITY,
+            line_search,
+            solve,
+        },
+        other => other,
+    };
+    let config = |tol: f64| cfg(opt, 12, 0.05, tol);
+    let seen = std::cell::Cell::new(0);
+    let (gf, oracle) = sqrt_rows(&c, &seen);
+    let r = refine_rows(&gf, Some(&oracle), &l0, &config(1e-10), false).unwrap();
+    let batch_rows = seen.get();
+    assert_eq!(r.evaluated_rows, batch_rows, "the refinement's own count");
+    assert!(r.backtracks > 0, "no line-search trial was rejected");
+    assert!(
+        r.final_grad_norm.iter().all(|&g| g < 1e-10),
+        "{:?}",
+        r.final_grad_norm
+    );
+    // Each example as a batch of its own: the same λ_K, and together the same work.
+    let got = r.lambda.to_vec2::<f64>().unwrap();
+    let (mut alone_rows, mut alone_steps) = (0, vec![]);
+    for (b, got_b) in got.iter().enumerate() {
+        let seen_b = std::cell::Cell::new(0);
+        let cb = c.narrow(0, b, 1).unwrap();
+        let (gf_b, oracle_b) = sqrt_rows(&cb, &seen_b);
+        let l0b = l0.narrow(0, b, 1).unwrap();
+        let rb = refine_rows(&gf_b, Some(&oracle_b), &l0b, &config(1e-10), false).unwrap();
+        let want = rb.lambda.to_vec2::<f64>().unwrap();
+        for j in 0..2 {
+            assert!(
+                (got_b[j] - want[0][j]).abs() < 1e-12,
+                "example {b}: batch {:?} alone {:?}",
+                got_b,
+                want[0]
+            );
+        }
+        alone_rows += seen_b.get();
+        alone_steps.push(rb.steps);
+    }
+    // What the examples alone evaluate, and the Hessians of the moving ones evaluated
+    // again where the last evaluations covered twice as many.
+    assert!(
+        batch_rows >= alone_rows && batch_rows < alone_rows + 4 * r.steps,
+        "rows evaluated: the batch {batch_rows}, its examples alone {alone_rows}"
+    );
+    assert_eq!(r.steps, *alone_steps.iter().max().unwrap());
+    assert!(
+        alone_steps.iter().min() < alone_steps.iter().max(),
+        "the examples should need different numbers of steps: {alone_steps:?}"
+    );
+    // A whole-batch objective (every evaluation covers all four) reaches the same λ_K and
+    // evaluates (steps and trials) × 4 rows.
+    let seen_full = std::cell::Cell::new(0);
+    let (gf_rows, oracle_rows) = sqrt_rows(&c, &seen_full);
+    let gf_full = |l: &Tensor| gf_rows(l, None);
+    let oracle_full = |l: &Tensor| oracle_rows(l, None);
+    let rf = refine_with_hvp(&gf_full, Some(&oracle_full), &l0, &config(1e-10), false).unwrap();
+    assert_eq!(rf.lambda.to_vec2::<f64>().unwrap(), got);
+    assert_eq!(rf.evaluated_rows, batch_rows);
+    assert!(
+        seen_full.get() > batch_rows && seen_full.get().is_multiple_of(4),
+        "whole-batch evaluations: {} rows, by rows: {batch_rows}",
+        seen_full.get()
+    );
+    // With tol = 0 every example takes all K steps.
+    let seen0 = std::cell::Cell::new(0);
+    let (gf0, oracle0) = sqrt_rows(&c, &seen0);
+    let r0 = refine_rows(&gf0, Some(&oracle0), &l0, &config(0.0), false).unwrap();
+    assert_eq!(r0.steps, 12);
+    assert!(seen0.get() >= 13 * 4);
+}

@@ -38,6 +38,13 @@ impl VariationalParams {
 #[derive(Debug, Clone)]
 pub struct Noise(pub Tensor);
 
+impl Noise {
+    /// The noise of the examples at `rows` (a `[r]` u32 tensor): `[S, r, d]`.
+    pub fn select(&self, rows: &Tensor) -> candle_core::Result<Noise> {
+        Ok(Noise(self.0.index_select(rows, 1)?))
+    }
+}
+
 /// Per-example terms of the ELBO, each of shape `[B]`.
 #[derive(Debug, Clone)]
 pub struct ElboTerms {

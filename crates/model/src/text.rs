@@ -53,6 +53,21 @@ impl TokenBatch {
         })
     }
 
+    /// The sentences at `rows` (a `[r]` u32 tensor), with their dropout masks.
+    pub fn select(&self, rows: &Tensor) -> candle_core::Result<TokenBatch> {
+        Ok(TokenBatch {
+            inputs: self.inputs.index_select(rows, 0)?,
+            targets: self.targets.index_select(rows, 0)?,
+            dropout: match &self.dropout {
+                Some(m) => Some(DropoutMasks {
+                    embed: m.embed.index_select(rows, 0)?,
+                    output: m.output.index_select(rows, 0)?,
+                }),
+                None => None,
+            },
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.targets.dim(0).unwrap_or(0)
     }

@@ -158,6 +158,13 @@ impl Batch {
             Batch::Text(t) => Batch::Text(t.rows(start, len)?),
         })
     }
+    /// The examples at `rows` (a `[r]` u32 tensor).
+    pub fn select(&self, rows: &Tensor) -> Result<Batch> {
+        Ok(match self {
+            Batch::Images(x) => Batch::Images(x.index_select(rows, 0)?),
+            Batch::Text(t) => Batch::Text(t.select(rows)?),
+        })
+    }
     /// The images, or an error for text.
     pub fn images(&self) -> Result<&Tensor> {
         match self {

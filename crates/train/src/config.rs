@@ -117,7 +117,9 @@ settings! {
     #[serde(default = "exact_newton")]
     #[arg(value_enum)]
     newton_solve: one NewtonSolve = NewtonSolve::Exact;
-    /// Early stop of the refinement when every ‖∇F_b‖ is below this (0: never).
+    /// Early stop of the refinement (0: never): newton and newton-ls stop each example
+    /// once its ‖∇F_b‖ is below this (and evaluate only those still moving); sgd and adam
+    /// stop when every example's is.
     svi_tol: one f64 = 0.0;
     /// Proximal weight γ: refine F(λ) = ELBO(λ) − γ/2 ‖λ − λ0‖².
     prox: one f64 = 1.0;

@@ -12,7 +12,9 @@ use savae_implicit::{
     autodiff::grads_of_dot, mixed_product_exact, mixed_product_fd, solve_adjoint, value_and_grad,
     BatchedOperator, ExactHvp, FdHvp, ShiftedSolve, ValueGrad,
 };
-use savae_inference::{refine_with_hvp, unrolled_backward, Refinement, SviConfig, SviOptimizer};
+use savae_inference::{
+    refine_rows, refine_with_hvp, unrolled_backward, Refinement, SviConfig, SviOptimizer,
+};
 use savae_model::{
     elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, LstmEncoder, LstmEncoderTape,
     Mlp, MlpElbo, MlpTape, Noise, Passes, Vae, VariationalParams,
@@ -107,8 +109,11 @@ pub struct SviStats {
     /// Halvings of the Newton line search (`newton-ls`), over examples and steps.
     pub backtracks: usize,
     /// Batched Hessian-vector products of the Newton steps' solves (the refinement's main
-    /// cost with newton and newton-ls).
+    /// cost with newton and newton-ls), each for the examples still moving.
     pub hessian_products: usize,
+    /// Examples evaluated over the refinement's evaluations ((K + 1)·B for SGD; fewer for
+    /// Newton, which stops evaluating an example once it is done).
+    pub evaluated_rows: usize,
 }
 
 /// Adjoint-solve diagnostics of a step.
@@ -307,11 +312,34 @@ impl<'a> InnerElbo<'a> {
         }
     }
 
-    /// Refines `lambda0` on this objective with `svi` (Newton gets its Hessians).
+    /// `f` of this objective on the examples at `rows` (None: all), at their rows of
+    /// `lambda: [B, n]`.
+    fn on_rows<T>(
+        &self,
+        lambda: &Tensor,
+        rows: Option<&Tensor>,
+        f: impl FnOnce(&InnerElbo<'_>, &Tensor) -> Result<T>,
+    ) -> Result<T> {
+        let Some(rows) = rows else {
+            return f(self, lambda);
+        };
+        let (x, eps) = (self.x.select(rows)?, self.eps.select(rows)?);
+        let part = InnerElbo {
+            x: &x,
+            eps: &eps,
+            ..*self
+        };
+        f(&part, &lambda.index_select(rows, 0)?)
+    }
+
+    /// Refines `lambda0` on this objective with `svi` (Newton gets its Hessians, and
+    /// evaluates only the examples still moving).
     pub fn refine(&self, lambda0: &Tensor, svi: &SviConfig, keep_path: bool) -> Result<Refinement> {
-        let gf = |l: &Tensor| self.value_and_grad(l);
-        let oracle = |l: &Tensor| self.with_hessian(l);
-        refine_with_hvp(&gf, Some(&oracle), lambda0, svi, keep_path)
+        let gf =
+            |l: &Tensor, rows: Option<&Tensor>| self.on_rows(l, rows, |e, l| e.value_and_grad(l));
+        let oracle =
+            |l: &Tensor, rows: Option<&Tensor>| self.on_rows(l, rows, |e, l| e.with_hessian(l));
+        refine_rows(&gf, Some(&oracle), lambda0, svi, keep_path)
     }
 
     /// [`InnerElbo::refine`] keeping, for Newton refinements on the analytic passes, the
@@ -331,15 +359,21 @@ impl<'a> InnerElbo<'a> {
         // The λ-id and point of the latest value-and-gradient evaluation, the Hessian cache
         // included. Newton asks for these only at the end (the last step's trial points and
         // λ_K); each replaces the previous one.
+        // Evaluations of some of the rows are not kept (λ_K is then put together from
+        // several evaluations, and the adjoint evaluates it again).
         let last = std::cell::RefCell::new(None);
-        let gf = |l: &Tensor| -> Result<(Tensor, Tensor)> {
+        let gf = |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+            if rows.is_some() {
+                return self.on_rows(l, rows, |e, l| e.value_and_grad(l));
+            }
             let p = a.at(l, true)?;
             let out = (p.values().clone(), p.grad().clone());
             *last.borrow_mut() = Some((l.id(), p));
             Ok(out)
         };
-        let oracle = |l: &Tensor| self.with_hessian(l);
-        let r = refine_with_hvp(&gf, Some(&oracle), lambda0, svi, false)?;
+        let oracle =
+            |l: &Tensor, rows: Option<&Tensor>| self.on_rows(l, rows, |e, l| e.with_hessian(l));
+        let r = refine_rows(&gf, Some(&oracle), lambda0, svi, false)?;
         let point = match last.into_inner() {
             Some((id, p)) if id == r.lambda.id() => Some(p),
             _ => None,
@@ -465,6 +499,7 @@ fn svi_stats(r: &Refinement) -> SviStats {
         resets: r.resets,
         backtracks: r.backtracks,
         hessian_products: r.hessian_products,
+        evaluated_rows: r.evaluated_rows,
     }
 }
 
