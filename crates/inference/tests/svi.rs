@@ -212,6 +212,26 @@ fn oracles<'a>(
     (grad_fn, oracle)
 }
 
+/// The Newton optimizer `name` (`newton` or `newton-ls`) with its steps uncapped.
+fn uncapped(name: &str) -> SviOptimizer {
+    match SviOptimizer::parse(name, 1.0).unwrap() {
+        SviOptimizer::Newton {
+            lr,
+            cg_iters,
+            line_search,
+            solve,
+            ..
+        } => SviOptimizer::Newton {
+            lr,
+            cg_iters,
+            max_step: f64::INFINITY,
+            line_search,
+            solve,
+        },
+        other => panic!("{other:?} is not Newton"),
+    }
+}
+
 #[test]
 fn newton_line_search_converges_where_the_full_step_diverges_and_costs_nothing_when_unused() {
     use savae_inference::refine_with_hvp;
@@ -227,22 +247,7 @@ fn newton_line_search_converges_where_the_full_step_diverges_and_costs_nothing_w
     let calls = std::cell::Cell::new(0);
     let (grad_fn, oracle) = oracles(&f, &calls);
     let run = |name: &str| {
-        let opt = match SviOptimizer::parse(name, 1.0).unwrap() {
-            SviOptimizer::Newton {
-                lr,
-                cg_iters,
-                line_search,
-                solve,
-                ..
-            } => SviOptimizer::Newton {
-                lr,
-                cg_iters,
-                max_step: f64::INFINITY,
-                line_search,
-                solve,
-            },
-            other => other,
-        };
+        let opt = uncapped(name);
         refine_with_hvp(&grad_fn, Some(&oracle), &l0, &cfg(opt, 8, 0.0, 0.0), false).unwrap()
     };
     let plain = run("newton");
@@ -439,22 +444,7 @@ fn newton_stops_each_example_on_its_own_and_evaluates_only_those_still_moving() 
     let c = Tensor::new(&[[1e-3f64, 0.0], [0.3, -0.2], [1.5, 0.0], [0.8, 1.2]], &dev).unwrap();
     let l0 = Tensor::zeros((4, 2), candle_core::DType::F64, &dev).unwrap();
     // Uncapped steps, so that the full step from 1.5 overshoots to −2.3 and is halved.
-    let opt = match SviOptimizer::parse("newton-ls", 1.0).unwrap() {
-        SviOptimizer::Newton {
-            lr,
-            cg_iters,
-            line_search,
-            solve,
-            ..
-        } => SviOptimizer::Newton {
-            lr,
-            cg_iters,
-            max_step: f64::INFINITY,
-            line_search,
-            solve,
-        },
-        other => other,
-    };
+    let opt = uncapped("newton-ls");
     let config = |tol: f64| cfg(opt, 12, 0.05, tol);
     let seen = std::cell::Cell::new(0);
     let (gf, oracle) = sqrt_rows(&c, &seen);
