@@ -58,24 +58,26 @@ impl Current {
     /// Takes the evaluation `e` of `rows` at λ rows `at` for the rows at positions
     /// `claim` of `rows`.
     fn take(&mut self, rows: &Rows, at: &Tensor, e: Evaluation, claim: &[usize]) -> Result<()> {
-        if claim.len() == rows.len() {
-            self.lambda = rows.put(&self.lambda, at)?;
-            self.values = rows.put(&self.values, &e.values)?;
-            self.grad = rows.put(&self.grad, &e.grad)?;
-            if let Some(h) = e.hessian {
-                self.blocks.cover(rows, h, claim);
-            }
-            return Ok(());
-        }
-        let taken = rows.subset(claim)?;
-        let pos = Rows::of(
-            claim.iter().map(|&p| p as u32).collect(),
-            rows.len(),
-            at.device(),
-        )?;
-        self.lambda = taken.put(&self.lambda, &pos.gather(at)?)?;
-        self.values = taken.put(&self.values, &pos.gather(&e.values)?)?;
-        self.grad = taken.put(&self.grad, &pos.gather(&e.grad)?)?;
+        // The claimed rows and their parts of `at` and `e` (all of them as they are when
+        // every row is claimed).
+        let (taken, at, values, grad) = if claim.len() == rows.len() {
+            (rows.clone(), at.clone(), e.values, e.grad)
+        } else {
+            let pos = Rows::of(
+                claim.iter().map(|&p| p as u32).collect(),
+                rows.len(),
+                at.device(),
+            )?;
+            (
+                rows.subset(claim)?,
+                pos.gather(at)?,
+                pos.gather(&e.values)?,
+                pos.gather(&e.grad)?,
+            )
+        };
+        self.lambda = taken.put(&self.lambda, &at)?;
+        self.values = taken.put(&self.values, &values)?;
+        self.grad = taken.put(&self.grad, &grad)?;
         if let Some(h) = e.hessian {
             self.blocks.cover(rows, h, claim);
         }
