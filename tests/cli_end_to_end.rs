@@ -244,6 +244,12 @@ fn bad_flags_and_occupied_run_dirs_are_refused_clearly() {
             vec!["eval", "--checkpoint", "/nonexistent.safetensors"],
             "/nonexistent.safetensors",
         ),
+        (
+            vec!["gradcheck", "--newton-steps", "2", "--newton-tol=-1"],
+            "--newton-tol",
+        ),
+        // A per-example tolerance without the refinement it stops.
+        (vec!["gradcheck", "--newton-tol", "0.1"], "--newton-steps"),
     ] {
         let mut a = args.clone();
         a.extend(
@@ -429,6 +435,33 @@ fn gradcheck_with_several_draws_and_a_capped_solve() {
         num(&n[1], "final_grad_norm_max") > num(&n[0], "final_grad_norm_max"),
         "{v}"
     );
+    for r in n {
+        assert_eq!(
+            (r["tol"].as_f64(), r["steps"].as_u64()),
+            (Some(0.0), Some(2))
+        );
+    }
+    // With a per-example tolerance every example already meets at λ0, none steps: each is
+    // evaluated once, and the gradient at λ0 is further off than after two steps.
+    let out = ok(&small_gradcheck(&[
+        "--newton-steps",
+        "2",
+        "--newton-tol",
+        "1e6",
+    ]));
+    let t: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for (r, r2) in t["newton_refinement"].as_array().unwrap().iter().zip(n) {
+        assert_eq!(
+            (r["steps"].as_u64(), r["evaluated_rows"].as_u64()),
+            (Some(0), Some(2)),
+            "{r}"
+        );
+        assert_eq!(r["hessian_products"], 0, "{r}");
+        assert!(
+            num(r, "rel_err_vs_converged") > num(r2, "rel_err_vs_converged"),
+            "{r} against {r2}"
+        );
+    }
     // Without the flags there is no capped solve and no short refinement.
     let plain = ok(&small_gradcheck(&[]));
     let p: serde_json::Value = serde_json::from_str(plain.trim()).unwrap();

@@ -67,6 +67,10 @@ pub struct GradcheckArgs {
     /// short, less stationary refinement costs in accuracy. Not part of `pass`.
     #[arg(long)]
     pub newton_steps: Option<usize>,
+    /// With `--newton-steps`: stop each example's Newton refinement once its ‖∇F_b‖ falls
+    /// below this (training's `--svi-tol`; 0: every example takes every step).
+    #[arg(long, default_value_t = 0.0, requires = "newton_steps")]
+    pub newton_tol: f64,
     /// The noise of the outer loss: fresh (independent draws, the training default) or
     /// same (the refinement's draws).
     #[arg(long, value_enum, default_value_t = OuterNoise::Fresh)]
@@ -173,6 +177,12 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     }
     if a.newton_steps == Some(0) {
         bail!("--newton-steps must be at least 1");
+    }
+    if !(a.newton_tol >= 0.0 && a.newton_tol.is_finite()) {
+        bail!(
+            "--newton-tol must be a finite number >= 0 (got {})",
+            a.newton_tol
+        );
     }
     if a.prox.is_nan() || a.prox <= 0.0 {
         bail!("--prox must be positive (got {})", a.prox);
@@ -323,10 +333,10 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
                 c.svi = SviConfig {
                     steps: k,
                     optimizer: SviMethod::NewtonLs.with_lr(1.0).with_newton_solve(solve),
-                    tol: 0.0,
+                    tol: a.newton_tol,
                     ..c.svi
                 };
-                short_refinement(solve, &gi, &step_with(&c)?)
+                short_refinement(solve, a.newton_tol, &gi, &step_with(&c)?)
             })
             .collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
@@ -462,6 +472,13 @@ fn capped_solve(
 #[derive(Debug, Clone, Serialize)]
 struct ShortRefinement {
     solve: &'static str,
+    /// Each example stopped once its ‖∇F_b‖ < tol (0: after every step).
+    tol: f64,
+    /// Newton steps taken (by the last example to stop).
+    steps: usize,
+    /// Examples evaluated over the refinement (K + 1 evaluations of every one without a
+    /// per-example stop or line-search halvings).
+    evaluated_rows: usize,
     /// Batched Hessian-vector products of the Newton solves.
     hessian_products: usize,
     /// max_b and mean_b ‖∇F_b(λ_K)‖.
@@ -475,6 +492,7 @@ struct ShortRefinement {
 
 fn short_refinement(
     solve: NewtonSolve,
+    tol: f64,
     converged: &[f64],
     out: &StepOutput,
 ) -> Result<ShortRefinement> {
@@ -482,6 +500,9 @@ fn short_refinement(
     let svi = out.svi.clone().unwrap_or_default();
     Ok(ShortRefinement {
         solve: solve.name(),
+        tol,
+        steps: svi.steps,
+        evaluated_rows: svi.evaluated_rows,
         hessian_products: svi.hessian_products,
         final_grad_norm_max: svi.final_grad_norm_max,
         final_grad_norm_mean: svi.final_grad_norm_mean,
