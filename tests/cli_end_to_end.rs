@@ -470,6 +470,42 @@ fn gradcheck_with_several_draws_and_a_capped_solve() {
     assert_eq!(p["settings"]["noise_samples"], 1, "{p}");
 }
 
+/// With `--encoder-loss amortized` the encoder's gradient is that of its own ELBO at λ0,
+/// not of the loss at λ*: finite differences take each parameter's own loss, and the
+/// check passes on encoder and decoder parameters alike.
+#[test]
+fn gradcheck_differentiates_the_encoders_own_loss_when_it_is_amortized() {
+    let out = ok(&[
+        "gradcheck",
+        "--examples",
+        "2",
+        "--svi-steps",
+        "1500",
+        "--encoder-loss",
+        "amortized",
+        "--samples",
+        "3",
+        "--fd-params",
+        "8",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["pass"], true, "{v}");
+    assert!(v["rel_err_implicit_vs_fd"].as_f64().unwrap() < 1e-6, "{v}");
+    let checked = v["fd_params"].as_array().unwrap();
+    let nonzero = |of: &str| {
+        checked
+            .iter()
+            .filter(|c| c["of"] == of && c["fd"].as_f64().unwrap().abs() > 1e-3)
+            .count()
+    };
+    // The seed picks encoder weights that matter and decoder ones (the L of λ*).
+    assert!(nonzero("amortized") >= 1 && nonzero("refined") >= 1, "{v}");
+    for c in checked {
+        let enc = c["param"].as_str().unwrap().starts_with("encoder.");
+        assert_eq!(c["of"], if enc { "amortized" } else { "refined" }, "{c}");
+    }
+}
+
 /// A check that fails says why and what to change, and its output file is marked.
 #[test]
 fn gradcheck_failures_are_explained_and_marked() {

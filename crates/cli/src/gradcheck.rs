@@ -157,7 +157,36 @@ struct Curvature {
 }
 
 const LOSS: &str = "L = -(1/B) sum_b ELBO_beta(lambda*_b; theta), one draw per example; \
-                    gradients of L w.r.t. every parameter";
+                    gradients of L w.r.t. every parameter (with encoder_loss amortized, the \
+                    encoder's of its own -(1/B) sum_b ELBO_beta(lambda0_b) on the \
+                    refinement's draws, the decoder held)";
+
+/// What finite differences differentiate for one parameter: the step's gradient of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FdLoss {
+    /// L, the loss at λ* (every parameter, with `--encoder-loss refined`).
+    Refined,
+    /// The encoder's own loss −(1/B) Σ_b ELBO_β(λ0_b) on the refinement's draws
+    /// (`--encoder-loss amortized`): λ* does not enter it.
+    Amortized,
+}
+
+impl FdLoss {
+    fn of(encoder_loss: EncoderLoss, param: &str) -> Self {
+        if encoder_loss == EncoderLoss::Amortized && param.starts_with("encoder.") {
+            FdLoss::Amortized
+        } else {
+            FdLoss::Refined
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            FdLoss::Refined => "refined",
+            FdLoss::Amortized => "amortized",
+        }
+    }
+}
 const FD_RULE: &str = "central, h = 1e-5 * max(1, |theta_i|), the refinement rerun to \
                        convergence at theta +- h";
 
@@ -361,16 +390,22 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
         let var = &vars[vi];
         let base = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
         let h = 1e-5 * base[off].abs().max(1.0);
+        // The loss whose gradient the step gives this parameter.
+        let of = FdLoss::of(a.encoder_loss, &names[vi]);
         let loss_at = |delta: f64| -> Result<f64> {
             let mut w = base.clone();
             w[off] += delta;
             var.set(&Tensor::from_vec(w, var.shape(), &dev)?)?;
-            Ok(step(implicit)?.loss)
+            let out = step(implicit)?;
+            Ok(match of {
+                FdLoss::Refined => out.loss,
+                FdLoss::Amortized => -out.elbo_amortized,
+            })
         };
         let d = (loss_at(h)? - loss_at(-h)?) / (2.0 * h);
         var.set(&Tensor::from_vec(base, var.shape(), &dev)?)?;
         fd.push(d);
-        checked.push(json!({"param": names[vi], "index": off, "fd": d, "implicit": gi[p], "unrolled": gu[p]}));
+        checked.push(json!({"param": names[vi], "index": off, "of": of.name(), "fd": d, "implicit": gi[p], "unrolled": gu[p]}));
     }
     let gi_p: Vec<f64> = picks.iter().map(|&p| gi[p]).collect();
     let gu_p: Vec<f64> = picks.iter().map(|&p| gu[p]).collect();
