@@ -171,6 +171,31 @@ impl RowBlocks {
             rows: rows.clone(),
             op,
         }));
+        self.drop_unowned();
+    }
+
+    /// Only the rows where `keep` is true (one entry per row of the batch) keep their
+    /// blocks; the rest need none any more (an example done, or one whose block is stale).
+    /// A piece left without a row is dropped, and with it the evaluation it holds (on the
+    /// analytic passes, the forward caches of every row it was evaluated for).
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        anyhow::ensure!(
+            keep.len() == self.owner.len(),
+            "internal: {} flags for a batch of {}",
+            keep.len(),
+            self.owner.len()
+        );
+        for (owner, &k) in self.owner.iter_mut().zip(keep) {
+            if !k {
+                *owner = None;
+            }
+        }
+        self.drop_unowned();
+        Ok(())
+    }
+
+    /// Drops the pieces that own no row.
+    fn drop_unowned(&mut self) {
         let mut used = vec![false; self.pieces.len()];
         for (piece, _) in self.owner.iter().flatten() {
             used[*piece] = true;

@@ -167,3 +167,64 @@ fn rows_of_a_whole_batch_operator_is_its_blocks() {
         vec![vec![1.0], vec![15.0]]
     );
 }
+
+#[test]
+fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
+    let dev = Device::Cpu;
+    let mut blocks = RowBlocks::new(4);
+    // Piece 0 covers every row, piece 1 takes rows 2 and 3 from it.
+    let (c0, c1) = (counter(), counter());
+    blocks.cover(
+        &Rows::all(4, &dev),
+        Box::new(Scale {
+            scale: vec![1.0, 2.0, 3.0, 4.0],
+            applied: c0.clone(),
+        }),
+        &[0, 1, 2, 3],
+    );
+    blocks.cover(
+        &Rows::of(vec![2, 3], 4, &dev).unwrap(),
+        Box::new(Scale {
+            scale: vec![30.0, 40.0],
+            applied: c1.clone(),
+        }),
+        &[0, 1],
+    );
+    // Each live piece holds a clone of its counter.
+    assert_eq!(
+        (
+            std::rc::Rc::strong_count(&c0),
+            std::rc::Rc::strong_count(&c1)
+        ),
+        (2, 2)
+    );
+    // Row 1 released: piece 0 still owns row 0.
+    blocks.retain(&[true, false, true, true]).unwrap();
+    assert_eq!(std::rc::Rc::strong_count(&c0), 2);
+    let r3 = Rows::of(vec![3], 4, &dev).unwrap();
+    let v = Tensor::new(&[[1.0f64]], &dev).unwrap();
+    assert_eq!(
+        blocks
+            .on(&r3)
+            .unwrap()
+            .apply(&v)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap(),
+        vec![vec![40.0]]
+    );
+    // Row 0 too: piece 0 owns nothing and is dropped; row 0 has no block now.
+    blocks.retain(&[false, false, true, true]).unwrap();
+    assert_eq!(
+        (
+            std::rc::Rc::strong_count(&c0),
+            std::rc::Rc::strong_count(&c1)
+        ),
+        (1, 2)
+    );
+    assert!(blocks.on(&Rows::of(vec![0], 4, &dev).unwrap()).is_err());
+    // Nothing kept: every piece dropped. A flag per row of the batch, or an error.
+    assert!(blocks.retain(&[false; 3]).is_err());
+    blocks.retain(&[false; 4]).unwrap();
+    assert_eq!(std::rc::Rc::strong_count(&c1), 1);
+}

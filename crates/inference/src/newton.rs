@@ -156,6 +156,9 @@ pub(crate) fn refine_newton(
         if !moving.iter().any(|&m| m) {
             break;
         }
+        // A done example's block is never applied again: drop the evaluations that only
+        // they still held.
+        cur.blocks.retain(&moving)?;
         let rows = Rows::where_true(&moving, &device)?;
         // The Newton direction of the moving examples. Their Hessian blocks come from the
         // evaluations that last covered them, and every product applies those
@@ -163,6 +166,8 @@ pub(crate) fn refine_newton(
         // still moving, the blocks of these alone are evaluated again (at the same λ),
         // which costs about one product of theirs and saves every product the rest.
         if 2 * rows.len() <= cur.blocks.rows_applied(&rows)? {
+            // (Their old blocks, the only ones left, go first.)
+            cur.blocks.retain(&vec![false; nb])?;
             let (_, _, h) = hvp(&cur.lambda, rows.index())?;
             evaluated_rows += rows.len();
             cur.blocks
@@ -177,6 +182,11 @@ pub(crate) fn refine_newton(
         };
         let sol = solve_adjoint(&h_m, &g_m, gamma, &solve, &[])?;
         hessian_products += sol.report.products;
+        // Every block is stale once the direction is solved for (the moving examples step,
+        // and their trial points' evaluations bring their next blocks): dropping them now,
+        // before those evaluations, keeps one step's Hessian evaluations alive, not two.
+        drop(h_m);
+        cur.blocks.retain(&vec![false; nb])?;
         let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
         let cap = (dn.recip()? * newton.max_step)?.clamp(0.0, 1.0)?;
         let d = (sol.u.broadcast_mul(&cap)? * newton.lr)?;

@@ -510,3 +510,83 @@ fn newton_stops_each_example_on_its_own_and_evaluates_only_those_still_moving() 
     assert_eq!(r0.steps, 12);
     assert!(seen0.get() >= 13 * 4);
 }
+
+/// The Hessian evaluations alive at once during a Newton refinement, counted in the rows
+/// they were evaluated for (on the analytic passes each holds those rows' forward caches).
+#[derive(Default)]
+struct LiveRows {
+    now: std::cell::Cell<usize>,
+    peak: std::cell::Cell<usize>,
+}
+
+/// An operator that counts itself in [`LiveRows`] while it lives.
+struct Tracked {
+    op: Box<dyn savae_implicit::BatchedOperator>,
+    rows: usize,
+    live: std::rc::Rc<LiveRows>,
+}
+
+impl Tracked {
+    fn new(
+        op: Box<dyn savae_implicit::BatchedOperator>,
+        rows: usize,
+        live: &std::rc::Rc<LiveRows>,
+    ) -> Self {
+        live.now.set(live.now.get() + rows);
+        live.peak.set(live.peak.get().max(live.now.get()));
+        Self {
+            op,
+            rows,
+            live: live.clone(),
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.live.now.set(self.live.now.get() - self.rows);
+    }
+}
+
+impl savae_implicit::BatchedOperator for Tracked {
+    fn apply(&self, v: &Tensor) -> Result<Tensor> {
+        self.op.apply(v)
+    }
+}
+
+#[test]
+fn newton_drops_each_hessian_evaluation_once_no_example_needs_it() {
+    use savae_inference::refine_rows;
+    // The four examples of the per-example test, which finish after different numbers of
+    // steps; some trials are halved. A done example's evaluation, and every block once
+    // the step's direction is solved for, must not stay alive beside the next
+    // evaluations: at most one step's trial points (4 rows) and a halved trial of some of
+    // them (2) at once. Holding them, the refinement had 11 rows' alive.
+    let dev = Device::Cpu;
+    let c = Tensor::new(&[[1e-3f64, 0.0], [0.3, -0.2], [1.5, 0.0], [0.8, 1.2]], &dev).unwrap();
+    let l0 = Tensor::zeros((4, 2), candle_core::DType::F64, &dev).unwrap();
+    let seen = std::cell::Cell::new(0);
+    let (gf, oracle) = sqrt_rows(&c, &seen);
+    let live = std::rc::Rc::new(LiveRows::default());
+    let tracked = |l: &Tensor, rows: Option<&Tensor>| {
+        let (v, g, op) = oracle(l, rows)?;
+        let n = v.dim(0)?;
+        let op: Box<dyn savae_implicit::BatchedOperator> = Box::new(Tracked::new(op, n, &live));
+        Ok((v, g, op))
+    };
+    let r = refine_rows(
+        &gf,
+        Some(&tracked),
+        &l0,
+        &cfg(uncapped("newton-ls"), 12, 0.05, 1e-10),
+        false,
+    )
+    .unwrap();
+    assert!(r.backtracks > 0 && r.steps > 2, "{r:?}");
+    assert_eq!(live.now.get(), 0, "an evaluation outlived the refinement");
+    assert!(
+        live.peak.get() <= 6,
+        "{} rows' Hessian evaluations alive at once",
+        live.peak.get()
+    );
+}
