@@ -44,8 +44,12 @@ model_flags() {
     # examples still moving are evaluated: on the same batches no example non-stationary,
     # mean ‖∇F(λ_K)‖ 0.020 (the batch-wide stop at 0.5: 0.009) at about 0.75x the batch-wide
     # stop's step (bench/results/cpu-ptb-savae-per-example-newton-epoch3-2026-12-05.jsonl).
+    # At most 12 steps: the 6-step cap bound again as the KL grew (2.75 % of epoch 3's
+    # examples non-stationary; on its weights at epoch 4, 4.2 % of 45 batches with 6
+    # steps, 0.6 % with 8, 0.07 % with 10 or 12, at +0-3 % seconds per step: bench/results/
+    # cpu-ptb-savae-step-cap-epoch4-2026-12-06.jsonl). The cap only costs where it binds.
     ptb-savae-implicit)
-        FLAGS=(--model savae --grad implicit --svi-optimizer newton-ls --svi-steps 6 --svi-tol 0.1
+        FLAGS=(--model savae --grad implicit --svi-optimizer newton-ls --svi-steps 12 --svi-tol 0.1
             --samples 1 --prox 20 --cg-tol 1e-3)
         ;;
     # SA-VAE's own refinement, SGD K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
