@@ -719,8 +719,13 @@ fn analytic_loss(
     elbo: &DecoderElbo,
     lambda: &Tensor,
 ) -> Result<(f64, GradSum, Tensor)> {
-    let b = lambda.dim(0)? as f64;
-    let pt = elbo.at(lambda, true)?;
+    loss_at_point(model, &elbo.at(lambda, true)?)
+}
+
+/// [`analytic_loss`] from the point at λ (made with its Hessian cache), `pt.values()`:
+/// `[B]`.
+fn loss_at_point(model: &Vae, pt: &ElboPoint) -> Result<(f64, GradSum, Tensor)> {
+    let b = pt.values().dim(0)? as f64;
     let mut grads = GradSum::new(model);
     grads.add(model, "decoder.", scaled(pt.weight_grads()?, -1.0 / b)?)?;
     Ok((mean(pt.values())?, grads, (pt.grad() * (-1.0 / b))?))
@@ -875,9 +880,11 @@ fn savae_step(
 ) -> Result<StepOutput> {
     let (model, b) = (s.model, s.x.len() as f64);
     let unrolled = gradient == SavaeGradient::Unrolled;
-    let (r, points, at_optimum) = if unrolled {
+    let (r, points, mut at_optimum) = if unrolled {
         let (r, points) = s.inner().refine_for_unrolled(&s.lambda0.0, svi)?;
-        (r, points, None)
+        // The backward steps back from λ_K and needs no point there: the loss takes it.
+        let last = points.take(&r.lambda);
+        (r, points, last)
     } else {
         let (r, last) = s.inner().refine_keeping_last(&s.lambda0.0, svi)?;
         (r, Points::default(), last)
@@ -895,6 +902,17 @@ fn savae_step(
         ..s.inner()
     };
     let (refined_elbo, mut grads, g, at_opt) = match on_outer.analytic() {
+        // On the refinement's own draws the loss's point at λ* is the inner ELBO's: one
+        // point, the refinement's last where it kept it, serves the loss and the adjoint.
+        Some(a) if s.outer_eps.is_none() => {
+            let pt = match at_optimum.take() {
+                Some(p) => p,
+                None => a.at(&r.lambda, true)?,
+            };
+            let (e, grads, g) = loss_at_point(model, &pt)?;
+            at_optimum = Some(pt);
+            (e, grads, g, None)
+        }
         Some(a) => {
             let (e, grads, g) = analytic_loss(model, &a, &r.lambda)?;
             (e, grads, g, None)
