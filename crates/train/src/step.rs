@@ -342,6 +342,38 @@ impl<'a> InnerElbo<'a> {
         refine_rows(&gf, Some(&oracle), lambda0, svi, keep_path)
     }
 
+    /// [`InnerElbo::refine`] with ∇_λ Σ f at λ0 (`[B, n]`, detached), which its first
+    /// evaluation, of every example at λ0, took: the encoder's own loss needs it.
+    fn refine_keeping_start(
+        &self,
+        lambda0: &Tensor,
+        svi: &SviConfig,
+    ) -> Result<(Refinement, Tensor)> {
+        let first = std::cell::RefCell::new(None);
+        let keep = |rows: Option<&Tensor>, grad: &Tensor| {
+            let mut f = first.borrow_mut();
+            if rows.is_none() && f.is_none() {
+                *f = Some(grad.clone());
+            }
+        };
+        let gf = |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+            let out = self.on_rows(l, rows, |e, l| e.value_and_grad(l))?;
+            keep(rows, &out.1);
+            Ok(out)
+        };
+        let oracle = |l: &Tensor, rows: Option<&Tensor>| {
+            let out = self.on_rows(l, rows, |e, l| e.with_hessian(l))?;
+            keep(rows, &out.1);
+            Ok(out)
+        };
+        let r = refine_rows(&gf, Some(&oracle), lambda0, svi, false)?;
+        let start = match first.into_inner() {
+            Some(g) => g,
+            None => self.value_and_grad(lambda0)?.1,
+        };
+        Ok((r, start))
+    }
+
     /// [`InnerElbo::refine`] keeping, for Newton refinements on the analytic passes, the
     /// point (with its Hessian cache) at the λ it ends on, which the implicit gradient's
     /// adjoint solve and mixed product need: without it they evaluate the same λ again.
@@ -572,7 +604,7 @@ pub fn train_step_outer(
                 beta,
                 passes: cfg.passes,
             };
-            let r = inner.refine(&lambda0.0, &cfg.svi, false)?;
+            let (r, grad0) = inner.refine_keeping_start(&lambda0.0, &cfg.svi)?;
             let e0 = r
                 .trace
                 .first()
@@ -589,7 +621,8 @@ pub fn train_step_outer(
                 match (&model.encoder, &hand, &tape) {
                     (None, _, _) => {}
                     (Some(_), Some(enc), Some(tape)) => {
-                        let own = amortized_upstream(&inner, &lambda0.0)?;
+                        // −(1/B) ∇_λ Σ ELBO at λ0: the refinement's first evaluation.
+                        let own = (&grad0 * (-1.0 / lambda0.0.dim(0)? as f64))?;
                         grads.add(model, "encoder.", enc.backward(tape, &own)?)?;
                     }
                     _ => anyhow::bail!("internal: the encoder has no taped forward"),
