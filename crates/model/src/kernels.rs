@@ -245,6 +245,27 @@ fn with_slice<T: Real, R>(t: &Tensor, f: impl FnOnce(&[T]) -> R) -> Result<R> {
     Ok(f(&v))
 }
 
+/// Writes `f(x)` for each `x` of `src` into `row` (as long as `src`) and returns the row,
+/// now initialised, for reading.
+#[inline(always)]
+fn write_row<'a, T: Real>(
+    row: &'a mut [std::mem::MaybeUninit<T>],
+    src: &[T],
+    f: impl Fn(T) -> T,
+) -> &'a mut [T] {
+    assert_eq!(
+        row.len(),
+        src.len(),
+        "a row and its source differ in length"
+    );
+    for (o, &x) in row.iter_mut().zip(src) {
+        o.write(f(x));
+    }
+    // SAFETY: every element of `row` was written just above (the lengths are equal), and
+    // MaybeUninit<T> has T's layout.
+    unsafe { &mut *(row as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
 fn tensor_of<T: Real>(
     v: Vec<T>,
     like: &Tensor,
@@ -462,9 +483,12 @@ pub fn softmax_and_log_prob(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
     fn run<T: Real>(logits: &Tensor, ys: &[u32], v: usize) -> Result<(Tensor, Tensor)> {
         let r = ys.len();
         let (p, logp) = with_slice::<T, _>(logits, |ls| {
-            let mut p = vec![T::ZERO; r * v];
+            // p is not zeroed first (`[R, V]` is tens of MB on a 10 001-word layer): each
+            // row is written whole before it is read.
+            let mut p: Vec<T> = Vec::with_capacity(r * v);
             let mut logp = vec![T::ZERO; r];
-            p.par_chunks_mut(v)
+            p.spare_capacity_mut()[..r * v]
+                .par_chunks_mut(v)
                 .zip(logp.par_iter_mut())
                 .zip(ls.par_chunks(v))
                 .zip(ys.par_iter())
@@ -472,9 +496,7 @@ pub fn softmax_and_log_prob(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
                 .for_each(|(((p, lp), l), &y)| {
                     *lp = simd(|| {
                         let m = max_of(l);
-                        for (p, &x) in p.iter_mut().zip(l) {
-                            *p = (x - m).exp();
-                        }
+                        let p = write_row(p, l, |x| (x - m).exp());
                         let sum = sum_zip(p, p, |e, _| e);
                         let inv = T::ONE / sum;
                         for p in p.iter_mut() {
@@ -483,6 +505,8 @@ pub fn softmax_and_log_prob(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
                         l[y as usize] - m - sum.ln()
                     });
                 });
+            // SAFETY: the r rows of v elements were each written whole by `write_row`.
+            unsafe { p.set_len(r * v) };
             (p, logp)
         })?;
         Ok((tensor_of(p, logits, (r, v))?, tensor_of(logp, logits, r)?))
@@ -511,8 +535,10 @@ pub fn softmax_tangent(p: &Tensor, lt: &Tensor) -> Result<Tensor> {
     fn run<T: Real>(p: &Tensor, lt: &Tensor, r: usize, v: usize) -> Result<Tensor> {
         let out = with_slice::<T, _>(p, |ps| {
             with_slice::<T, _>(lt, |ls| {
-                let mut out = vec![T::ZERO; r * v];
-                out.par_chunks_mut(v)
+                // Not zeroed first: each row is written whole (see softmax_and_log_prob).
+                let mut out: Vec<T> = Vec::with_capacity(r * v);
+                out.spare_capacity_mut()[..r * v]
+                    .par_chunks_mut(v)
                     .zip(ps.par_chunks(v))
                     .zip(ls.par_chunks(v))
                     .with_min_len(min_tasks(v))
@@ -520,10 +546,13 @@ pub fn softmax_tangent(p: &Tensor, lt: &Tensor) -> Result<Tensor> {
                         simd(|| {
                             let d = sum_zip(p, l, |p, l| p * l);
                             for ((o, &p), &l) in o.iter_mut().zip(p).zip(l) {
-                                *o = p * (d - l);
+                                o.write(p * (d - l));
                             }
                         })
                     });
+                // SAFETY: the r rows of v elements were each written whole above (every
+                // row of `out` is zipped with a row of p and of ℓ', both v long).
+                unsafe { out.set_len(r * v) };
                 out
             })
         })??;
