@@ -194,6 +194,12 @@ impl RowBlocks {
         Ok(())
     }
 
+    /// No row keeps a block: every piece is dropped ([`RowBlocks::retain`] of nothing).
+    pub fn clear(&mut self) {
+        self.owner.fill(None);
+        self.pieces.clear();
+    }
+
     /// Drops the pieces that own no row.
     fn drop_unowned(&mut self) {
         let mut used = vec![false; self.pieces.len()];

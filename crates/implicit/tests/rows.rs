@@ -227,4 +227,35 @@ fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
     assert!(blocks.retain(&[false; 3]).is_err());
     blocks.retain(&[false; 4]).unwrap();
     assert_eq!(std::rc::Rc::strong_count(&c1), 1);
+    // clear() is retain of nothing, and the blocks take new pieces after it.
+    blocks.cover(
+        &Rows::all(4, &dev),
+        Box::new(Scale {
+            scale: vec![1.0, 2.0, 3.0, 4.0],
+            applied: c0.clone(),
+        }),
+        &[0, 1, 2, 3],
+    );
+    assert_eq!(std::rc::Rc::strong_count(&c0), 2);
+    blocks.clear();
+    assert_eq!(std::rc::Rc::strong_count(&c0), 1);
+    assert!(blocks.on(&r3).is_err());
+    blocks.cover(
+        &r3,
+        Box::new(Scale {
+            scale: vec![7.0],
+            applied: c1.clone(),
+        }),
+        &[0],
+    );
+    assert_eq!(
+        blocks
+            .on(&r3)
+            .unwrap()
+            .apply(&v)
+            .unwrap()
+            .to_vec2::<f64>()
+            .unwrap(),
+        vec![vec![7.0]]
+    );
 }

@@ -167,7 +167,7 @@ pub(crate) fn refine_newton(
         // which costs about one product of theirs and saves every product the rest.
         if 2 * rows.len() <= cur.blocks.rows_applied(&rows)? {
             // (Their old blocks, the only ones left, go first.)
-            cur.blocks.retain(&vec![false; nb])?;
+            cur.blocks.clear();
             let (_, _, h) = hvp(&cur.lambda, rows.index())?;
             evaluated_rows += rows.len();
             cur.blocks
@@ -186,7 +186,7 @@ pub(crate) fn refine_newton(
         // and their trial points' evaluations bring their next blocks): dropping them now,
         // before those evaluations, keeps one step's Hessian evaluations alive, not two.
         drop(h_m);
-        cur.blocks.retain(&vec![false; nb])?;
+        cur.blocks.clear();
         let dn = sol.u.sqr()?.sum_keepdim(1)?.sqrt()?;
         let cap = (dn.recip()? * newton.max_step)?.clamp(0.0, 1.0)?;
         let d = (sol.u.broadcast_mul(&cap)? * newton.lr)?;
