@@ -309,7 +309,7 @@ impl Observer for CliObserver {
             "valid_kl": v.kl_refined, "valid_active_units": v.active_units,
             "valid_ppl_bound": v.ppl_bound, "valid_mutual_info": v.mutual_info,
             "epoch_seconds": e.seconds, "skipped_batches": e.skipped_batches, "best": e.improved,
-            "svi_resets": st.svi_resets, "cg_negative_curvature": st.cg_negative_curvature, "cg_non_finite": st.cg_non_finite,
+            "svi_resets": st.svi_resets, "svi_line_search_failures": st.svi_line_search_failures, "cg_negative_curvature": st.cg_negative_curvature, "cg_non_finite": st.cg_non_finite,
             "cg_retried": st.cg_retried, "cg_fallbacks": st.cg_fallbacks, "not_stationary": st.not_stationary,
             "step_heap_peak_mib": self.epoch_heap_peak as f64 / MIB,
         }))?;

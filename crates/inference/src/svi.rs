@@ -12,7 +12,8 @@
 //! Newton (see [`SviOptimizer::Newton`], [`crate::newton`]) steps along
 //! d = ((γ + δ)I − H)⁻¹ ∇F, solved by CG exactly or to inexact Newton's forcing term
 //! ([`NewtonSolve`]). Optionally each example backtracks (Armijo): the step t·d is taken
-//! with the largest t ∈ {1, ½, ¼, …} such that F(λ + t d) ≥ F(λ) + c t ∇F·d. A trial
+//! with the largest t ∈ {1, ½, ¼, …} such that F(λ + t d) ≥ F(λ) + c t ∇F·d (or the
+//! smallest t tried, where none passes). A trial
 //! point's evaluation is the next step's (the value, gradient and Hessian it needs are the
 //! same), so a step every example accepts at t = 1 costs nothing more than plain Newton.
 //! Newton's early stop is per example: each stops once its own ‖∇F_b‖ < `tol`, and only
@@ -97,8 +98,10 @@ impl NewtonSolve {
 
 /// Per-example Armijo backtracking of a Newton step: halve t while
 /// F(λ + t d) < F(λ) + `armijo` · t · ∇F·d − 8u|F(λ)| (u the unit roundoff of the dtype: a
-/// gain below F's rounding is no evidence of a bad step), at most `max_halvings` times (the
-/// last trial is taken whatever it gives).
+/// gain below F's rounding is no evidence of a bad step), at most `max_halvings` times. The
+/// last trial is taken whatever it gives, and counted where it fails the test too
+/// ([`Refinement::line_search_failures`]): refusing it, by stopping the example where it
+/// was, left more examples non-stationary on PTB than taking it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backtracking {
     pub max_halvings: usize,
@@ -260,6 +263,9 @@ pub struct Refinement {
     pub resets: usize,
     /// Halvings of the Newton line search, summed over examples and steps.
     pub backtracks: usize,
+    /// Newton steps, summed over examples, where no line-search trial passed Armijo's test
+    /// and the last was taken anyway (Newton with a line search only).
+    pub line_search_failures: usize,
     /// Hessian-vector products of the Newton steps' solves, each for the examples still
     /// moving (the CG iterations of the slowest, summed over steps; 0 for SGD and Adam).
     pub hessian_products: usize,
@@ -467,6 +473,7 @@ fn refine_first_order(
         final_grad_norm: last_norms,
         resets: 0,
         backtracks: 0,
+        line_search_failures: 0,
         hessian_products: 0,
         evaluated_rows,
         path,

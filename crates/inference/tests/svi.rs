@@ -590,3 +590,69 @@ fn newton_drops_each_hessian_evaluation_once_no_example_needs_it() {
         live.peak.get()
     );
 }
+
+#[test]
+fn a_newton_step_that_passes_no_line_search_trial_takes_the_last_and_is_counted() {
+    use savae_inference::refine_rows;
+    // f_b(λ) = sin(ωλ), γ = 0. Example 0 starts at phase ωλ = −π/4, where f is convex:
+    // the Newton solve meets negative curvature, falls back to the gradient and its step is
+    // capped at 2, so the trials move λ by 2, 1, ½, ¼ and ⅛ — and ω⅛ = 2π − 0.05 puts each
+    // of them 0.8, 0.4, 0.2, 0.1 and 0.05 rad of phase behind the start, every one lower
+    // than F there. No trial passes Armijo's test: the last is taken (refusing it left
+    // more PTB examples non-stationary) and counted. Example 1 starts at phase π/2 − 0.3,
+    // in the concave cap around a maximum: its full step passes, and it converges there.
+    let dev = Device::Cpu;
+    let omega = (2.0 * std::f64::consts::PI - 0.05) / 0.125;
+    let phases = [
+        -std::f64::consts::FRAC_PI_4,
+        std::f64::consts::FRAC_PI_2 - 0.3,
+    ];
+    let l0 = Tensor::new(&[[phases[0] / omega], [phases[1] / omega]], &dev).unwrap();
+    let parts = |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor, Tensor)> {
+        let l = match rows {
+            Some(r) => l.index_select(r, 0)?,
+            None => l.clone(),
+        };
+        let p = (l * omega)?;
+        let v = p.sin()?.sum(1)?;
+        let g = (p.cos()? * omega)?;
+        let h = (p.sin()? * -(omega * omega))?;
+        Ok((v, g, h))
+    };
+    struct Diag(Tensor);
+    impl savae_implicit::BatchedOperator for Diag {
+        fn apply(&self, v: &Tensor) -> Result<Tensor> {
+            Ok((v * &self.0)?)
+        }
+    }
+    let gf = |l: &Tensor, rows: Option<&Tensor>| -> Result<(Tensor, Tensor)> {
+        let (v, g, _) = parts(l, rows)?;
+        Ok((v, g))
+    };
+    let oracle = |l: &Tensor, rows: Option<&Tensor>| {
+        let (v, g, h) = parts(l, rows)?;
+        let op: Box<dyn savae_implicit::BatchedOperator> = Box::new(Diag(h));
+        Ok((v, g, op))
+    };
+    let opt = SviOptimizer::parse("newton-ls", 1.0).unwrap();
+    // One step: example 0 halves four times and takes t = 1/16, example 1 its full step.
+    let r = refine_rows(&gf, Some(&oracle), &l0, &cfg(opt, 1, 0.0, 0.0), false).unwrap();
+    let got = r.lambda.to_vec2::<f64>().unwrap();
+    assert!(
+        (got[0][0] * omega - (phases[0] + 2.0 * std::f64::consts::PI - 0.05)).abs() < 1e-12,
+        "example 0 at phase {}, not the last trial's",
+        got[0][0] * omega
+    );
+    assert_eq!(r.line_search_failures, 1, "{r:?}");
+    assert_eq!(r.backtracks, 4, "{r:?}");
+    // Six steps: example 1 at its maximum, phase π/2, as if alone.
+    let r = refine_rows(&gf, Some(&oracle), &l0, &cfg(opt, 6, 0.0, 1e-9), false).unwrap();
+    let got = r.lambda.to_vec2::<f64>().unwrap();
+    assert!(
+        (got[1][0] * omega - std::f64::consts::FRAC_PI_2).abs() < 1e-9,
+        "example 1 at phase {}",
+        got[1][0] * omega
+    );
+    assert!(r.final_grad_norm[1] < 1e-9, "{r:?}");
+    assert!(r.line_search_failures >= 1, "{r:?}");
+}

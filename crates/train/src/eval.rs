@@ -65,6 +65,9 @@ pub struct EvalReport {
     pub active_units: usize,
     pub active_units_amortized: usize,
     pub svi_resets: usize,
+    /// Newton steps (over examples) where no line-search trial passed Armijo's test
+    /// (`newton-ls`): the last trial was taken.
+    pub svi_line_search_failures: usize,
     /// Text: words plus one end symbol per sentence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens: Option<usize>,
@@ -201,6 +204,7 @@ struct EvalTotals {
     nll: f64,
     svi_grad_norm: f64,
     svi_resets: usize,
+    svi_line_search_failures: usize,
     svi_steps: usize,
     means_amortized: Vec<Vec<f64>>,
     means_refined: Vec<Vec<f64>>,
@@ -247,6 +251,7 @@ impl EvalTotals {
     /// The refinement of a batch.
     fn add_refinement(&mut self, r: &savae_inference::Refinement) {
         self.svi_resets += r.resets;
+        self.svi_line_search_failures += r.line_search_failures;
         self.svi_steps = r.steps;
         self.svi_grad_norm += r
             .final_grad_norm
@@ -392,6 +397,7 @@ fn report(
         active_units: count_active(&tot.means_refined, d),
         active_units_amortized: count_active(&tot.means_amortized, d),
         svi_resets: tot.svi_resets,
+        svi_line_search_failures: tot.svi_line_search_failures,
         tokens,
         ppl_bound: tokens.map(|t| (-tot.elbo_refined / t as f64).exp()),
         ppl_iw: tokens

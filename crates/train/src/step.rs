@@ -108,6 +108,9 @@ pub struct SviStats {
     pub resets: usize,
     /// Halvings of the Newton line search (`newton-ls`), over examples and steps.
     pub backtracks: usize,
+    /// Newton steps (over examples) where no line-search trial passed Armijo's test: the
+    /// last was taken.
+    pub line_search_failures: usize,
     /// Batched Hessian-vector products of the Newton steps' solves (the refinement's main
     /// cost with newton and newton-ls), each for the examples still moving.
     pub hessian_products: usize,
@@ -530,6 +533,7 @@ fn svi_stats(r: &Refinement) -> SviStats {
         final_grad_norm_mean: finite.iter().sum::<f64>() / finite.len().max(1) as f64,
         resets: r.resets,
         backtracks: r.backtracks,
+        line_search_failures: r.line_search_failures,
         hessian_products: r.hessian_products,
         evaluated_rows: r.evaluated_rows,
     }

@@ -84,6 +84,8 @@ pub struct EpochStats {
     pub loss_sum: f64,
     pub examples: usize,
     pub svi_resets: usize,
+    /// Newton steps (over examples) where no line-search trial passed Armijo's test.
+    pub svi_line_search_failures: usize,
     pub cg_negative_curvature: usize,
     pub cg_non_finite: usize,
     pub cg_retried: usize,
@@ -100,6 +102,7 @@ impl EpochStats {
         self.examples += examples;
         if let Some(sv) = &out.svi {
             self.svi_resets += sv.resets;
+            self.svi_line_search_failures += sv.line_search_failures;
         }
         if let Some(c) = &out.cg {
             self.cg_negative_curvature += c.negative_curvature;
