@@ -28,6 +28,17 @@ fn counter() -> std::rc::Rc<std::cell::Cell<usize>> {
     std::rc::Rc::new(std::cell::Cell::new(0))
 }
 
+/// The blocks of `rows` applied to `v`, as rows of numbers.
+fn applied(blocks: &RowBlocks, rows: &Rows, v: &Tensor) -> Vec<Vec<f64>> {
+    blocks
+        .on(rows)
+        .unwrap()
+        .apply(v)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
+}
+
 #[test]
 fn gather_put_and_scatter_move_the_named_rows_only() {
     let dev = Device::Cpu;
@@ -115,9 +126,8 @@ fn row_blocks_apply_each_rows_latest_block_and_only_the_pieces_that_own_rows() {
         }),
         &[0],
     );
-    let got = blocks.on(&all).unwrap().apply(&v).unwrap();
     assert_eq!(
-        got.to_vec2::<f64>().unwrap(),
+        applied(&blocks, &all, &v),
         vec![
             vec![100.0, 100.0],
             vec![2.0, 4.0],
@@ -128,13 +138,8 @@ fn row_blocks_apply_each_rows_latest_block_and_only_the_pieces_that_own_rows() {
     // Rows 2 and 3 only: the first piece (row 2) and the second (row 3); not the third.
     let (a0, a1, a2) = (c0.get(), c1.get(), c2.get());
     let r23 = Rows::of(vec![2, 3], 4, &dev).unwrap();
-    let got = blocks
-        .on(&r23)
-        .unwrap()
-        .apply(&r23.gather(&v).unwrap())
-        .unwrap();
     assert_eq!(
-        got.to_vec2::<f64>().unwrap(),
+        applied(&blocks, &r23, &r23.gather(&v).unwrap()),
         vec![vec![3.0, 9.0], vec![30.0, 120.0]]
     );
     assert_eq!((c0.get() - a0, c1.get() - a1, c2.get() - a2), (4, 2, 0));
@@ -203,16 +208,7 @@ fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
     assert_eq!(std::rc::Rc::strong_count(&c0), 2);
     let r3 = Rows::of(vec![3], 4, &dev).unwrap();
     let v = Tensor::new(&[[1.0f64]], &dev).unwrap();
-    assert_eq!(
-        blocks
-            .on(&r3)
-            .unwrap()
-            .apply(&v)
-            .unwrap()
-            .to_vec2::<f64>()
-            .unwrap(),
-        vec![vec![40.0]]
-    );
+    assert_eq!(applied(&blocks, &r3, &v), vec![vec![40.0]]);
     // Row 0 too: piece 0 owns nothing and is dropped; row 0 has no block now.
     blocks.retain(&[false, false, true, true]).unwrap();
     assert_eq!(
@@ -248,14 +244,5 @@ fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
         }),
         &[0],
     );
-    assert_eq!(
-        blocks
-            .on(&r3)
-            .unwrap()
-            .apply(&v)
-            .unwrap()
-            .to_vec2::<f64>()
-            .unwrap(),
-        vec![vec![7.0]]
-    );
+    assert_eq!(applied(&blocks, &r3, &v), vec![vec![7.0]]);
 }
