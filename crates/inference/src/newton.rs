@@ -340,17 +340,13 @@ impl LineSearch<'_> {
                 .iter()
                 .map(|&a| a != 0.0)
                 .collect();
-            if trial == self.ls.max_halvings {
-                // The last trial is taken whatever it gives, and counted. Refusing it where
-                // it lowers F, by stopping the example where it was, left more examples
-                // non-stationary: 8 against 2 of 3 456 on the PTB SA-VAE's epoch-4 weights
-                // (7 examples stopped); from the lower point later steps mostly recover. A
-                // retry along the steepest ascent did no better (2 of 3 488 either way).
-                exhausted = passed.iter().filter(|&&p| !p).count();
-                cur.take(&rows, &candidate, e, &(0..open.len()).collect::<Vec<_>>())?;
-                break;
-            }
-            let claim: Vec<usize> = (0..open.len()).filter(|&i| passed[i]).collect();
+            // The last trial is taken whatever it gives, and counted. Refusing it where it
+            // lowers F, by stopping the example where it was, left more examples
+            // non-stationary: 8 against 2 of 3 456 on the PTB SA-VAE's epoch-4 weights (7
+            // examples stopped); from the lower point later steps mostly recover. A retry
+            // along the steepest ascent did no better (2 of 3 488 either way).
+            let last = trial == self.ls.max_halvings;
+            let claim: Vec<usize> = (0..open.len()).filter(|&i| passed[i] || last).collect();
             if !claim.is_empty() {
                 cur.take(&rows, &candidate, e, &claim)?;
             }
@@ -358,6 +354,10 @@ impl LineSearch<'_> {
                 .filter(|&i| !passed[i])
                 .map(|i| open[i])
                 .collect();
+            if last {
+                exhausted = rejected.len();
+                break;
+            }
             if rejected.is_empty() {
                 break;
             }
