@@ -28,6 +28,14 @@ fn counter() -> std::rc::Rc<std::cell::Cell<usize>> {
     std::rc::Rc::new(std::cell::Cell::new(0))
 }
 
+/// A [`Scale`] by `scale`, counting its rows applied in `applied`.
+fn scaled(scale: &[f64], applied: &std::rc::Rc<std::cell::Cell<usize>>) -> Box<Scale> {
+    Box::new(Scale {
+        scale: scale.to_vec(),
+        applied: applied.clone(),
+    })
+}
+
 /// The blocks of `rows` applied to `v`, as rows of numbers.
 fn applied(blocks: &RowBlocks, rows: &Rows, v: &Tensor) -> Vec<Vec<f64>> {
     blocks
@@ -100,32 +108,11 @@ fn row_blocks_apply_each_rows_latest_block_and_only_the_pieces_that_own_rows() {
     // which only row 3's is taken, then row 0 (scale 100).
     let (c0, c1, c2) = (counter(), counter(), counter());
     let all = Rows::all(4, &dev);
-    blocks.cover(
-        &all,
-        Box::new(Scale {
-            scale: vec![1.0, 2.0, 3.0, 4.0],
-            applied: c0.clone(),
-        }),
-        &[0, 1, 2, 3],
-    );
+    blocks.cover(&all, scaled(&[1.0, 2.0, 3.0, 4.0], &c0), &[0, 1, 2, 3]);
     let r13 = Rows::of(vec![1, 3], 4, &dev).unwrap();
-    blocks.cover(
-        &r13,
-        Box::new(Scale {
-            scale: vec![10.0, 30.0],
-            applied: c1.clone(),
-        }),
-        &[1],
-    );
+    blocks.cover(&r13, scaled(&[10.0, 30.0], &c1), &[1]);
     let r0 = Rows::of(vec![0], 4, &dev).unwrap();
-    blocks.cover(
-        &r0,
-        Box::new(Scale {
-            scale: vec![100.0],
-            applied: c2.clone(),
-        }),
-        &[0],
-    );
+    blocks.cover(&r0, scaled(&[100.0], &c2), &[0]);
     assert_eq!(
         applied(&blocks, &all, &v),
         vec![
@@ -147,10 +134,7 @@ fn row_blocks_apply_each_rows_latest_block_and_only_the_pieces_that_own_rows() {
     let mut empty = RowBlocks::new(2);
     empty.cover(
         &Rows::of(vec![0], 2, &dev).unwrap(),
-        Box::new(Scale {
-            scale: vec![1.0],
-            applied: counter(),
-        }),
+        scaled(&[1.0], &counter()),
         &[0],
     );
     assert!(empty.on(&Rows::all(2, &dev)).is_err());
@@ -160,10 +144,7 @@ fn row_blocks_apply_each_rows_latest_block_and_only_the_pieces_that_own_rows() {
 fn rows_of_a_whole_batch_operator_is_its_blocks() {
     let dev = Device::Cpu;
     let op = RowsOf {
-        op: Box::new(Scale {
-            scale: vec![1.0, 2.0, 3.0],
-            applied: counter(),
-        }),
+        op: scaled(&[1.0, 2.0, 3.0], &counter()),
         rows: Rows::of(vec![0, 2], 3, &dev).unwrap(),
     };
     let v = Tensor::new(&[[1.0f64], [5.0]], &dev).unwrap();
@@ -181,18 +162,12 @@ fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
     let (c0, c1) = (counter(), counter());
     blocks.cover(
         &Rows::all(4, &dev),
-        Box::new(Scale {
-            scale: vec![1.0, 2.0, 3.0, 4.0],
-            applied: c0.clone(),
-        }),
+        scaled(&[1.0, 2.0, 3.0, 4.0], &c0),
         &[0, 1, 2, 3],
     );
     blocks.cover(
         &Rows::of(vec![2, 3], 4, &dev).unwrap(),
-        Box::new(Scale {
-            scale: vec![30.0, 40.0],
-            applied: c1.clone(),
-        }),
+        scaled(&[30.0, 40.0], &c1),
         &[0, 1],
     );
     // Each live piece holds a clone of its counter.
@@ -226,23 +201,13 @@ fn row_blocks_drop_a_piece_once_no_retained_row_owns_it() {
     // clear() is retain of nothing, and the blocks take new pieces after it.
     blocks.cover(
         &Rows::all(4, &dev),
-        Box::new(Scale {
-            scale: vec![1.0, 2.0, 3.0, 4.0],
-            applied: c0.clone(),
-        }),
+        scaled(&[1.0, 2.0, 3.0, 4.0], &c0),
         &[0, 1, 2, 3],
     );
     assert_eq!(std::rc::Rc::strong_count(&c0), 2);
     blocks.clear();
     assert_eq!(std::rc::Rc::strong_count(&c0), 1);
     assert!(blocks.on(&r3).is_err());
-    blocks.cover(
-        &r3,
-        Box::new(Scale {
-            scale: vec![7.0],
-            applied: c1.clone(),
-        }),
-        &[0],
-    );
+    blocks.cover(&r3, scaled(&[7.0], &c1), &[0]);
     assert_eq!(applied(&blocks, &r3, &v), vec![vec![7.0]]);
 }
