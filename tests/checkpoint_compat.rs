@@ -21,12 +21,11 @@ fn a_checkpoint_of_the_previous_trainer_resumes_to_the_same_bits() {
         dir.join("last.safetensors"),
     )
     .unwrap();
-    let opts = RunOptions {
-        run_dir: dir.clone(),
-        data_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../../data").into(),
-        device: candle_core::Device::Cpu,
-        max_bad_batches: 10,
-    };
+    let opts = RunOptions::new(
+        dir.clone(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../data").into(),
+        candle_core::Device::Cpu,
+    );
     let more = TrainOverrides {
         epochs: Some(2),
         ..TrainOverrides::default()

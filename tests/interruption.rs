@@ -126,6 +126,18 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
         .output()
         .unwrap();
     assert_ok(&resumed);
+    // The resume is recorded at the step the interruption saved.
+    let marks: Vec<serde_json::Value> = std::fs::read_to_string(cut.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "interrupt" || v["kind"] == "resume")
+        .collect();
+    let kinds: Vec<&str> = marks.iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["resume", "interrupt", "resume"], "{marks:?}");
+    for k in ["epoch", "batch", "step"] {
+        assert_eq!(marks[1][k], marks[2][k], "{k}: {marks:?}");
+    }
     // The epoch records agree too: the interrupted epoch's counters and training ELBO are
     // carried through the checkpoint, not restarted at the resume.
     let epochs = |d: &Path| -> Vec<serde_json::Value> {
@@ -346,4 +358,71 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(parked.parent().unwrap());
+}
+
+/// Fails the run at one step, as a process killed without warning would stop: nothing is
+/// saved at that moment.
+struct KilledAtStep(u64);
+
+impl savae_train::Observer for KilledAtStep {
+    fn on_step(&mut self, r: &savae_train::trainer::StepRecord) -> anyhow::Result<()> {
+        if r.step == self.0 {
+            anyhow::bail!("killed at step {}", r.step);
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn a_run_killed_between_periodic_saves_resumes_from_the_last_one_bit_identically() {
+    use savae_train::options::{GradientKind, ModelKind};
+    use savae_train::{RunOptions, Silent, TrainConfig, Trainer};
+    savae_implicit::enable_second_order();
+    let data: std::path::PathBuf = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data").into();
+    // 200 examples in batches of 50: steps 1–4 are epoch 1, steps 5–8 epoch 2.
+    let cfg = TrainConfig {
+        model: ModelKind::Savae,
+        grad: GradientKind::Implicit,
+        epochs: 2,
+        batch_size: 50,
+        hidden: vec![16],
+        latent_dim: 3,
+        svi_steps: 3,
+        max_train_examples: Some(200),
+        valid_examples: Some(50),
+        ..TrainConfig::defaults_for("mnist")
+    };
+    let opts = |d: &Path| RunOptions::new(d.to_path_buf(), data.clone(), candle_core::Device::Cpu);
+    let straight = tmpdir("straight-lib");
+    Trainer::create(cfg.clone(), opts(&straight), true)
+        .unwrap()
+        .run(&mut Silent)
+        .unwrap();
+    let killed = tmpdir("killed-lib");
+    let every_batch = RunOptions {
+        save_every: Some(Duration::ZERO),
+        ..opts(&killed)
+    };
+    let err = Trainer::create(cfg, every_batch, true)
+        .unwrap()
+        .run(&mut KilledAtStep(7))
+        .expect_err("the observer stops the run");
+    assert!(err.to_string().contains("killed at step 7"), "{err}");
+    // Saved before epoch 2's third batch (step 6); step 7 is lost and taken again. With
+    // saves at epoch ends only, the run would resume at epoch 2's start (step 4).
+    let mut resumed = Trainer::resume(opts(&killed), &[]).unwrap();
+    let s = resumed.state();
+    assert_eq!((s.epoch, s.batch, s.step), (1, 2, 6));
+    let summary = resumed.run(&mut Silent).unwrap();
+    assert_eq!((summary.epochs_done, summary.steps), (2, 8));
+    let (a, b) = (
+        tensors(&straight.join("last.safetensors")),
+        tensors(&killed.join("last.safetensors")),
+    );
+    assert_eq!(a.len(), b.len());
+    for ((na, da), (_, db)) in a.iter().zip(&b) {
+        assert!(da == db, "tensor {na} differs after a kill and a resume");
+    }
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&killed);
 }

@@ -47,6 +47,17 @@ impl Machine {
     }
 }
 
+/// A clap value parser: a number of minutes (0 or more, fractions allowed) as a duration.
+pub fn minutes(s: &str) -> Result<std::time::Duration, String> {
+    let m: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of minutes"))?;
+    if !(m.is_finite() && m >= 0.0) {
+        return Err(format!("{s:?}: minutes must be a finite number, 0 or more"));
+    }
+    Ok(std::time::Duration::from_secs_f64(m * 60.0))
+}
+
 /// The program as the user invoked it, for commands we suggest: `savae` when it was
 /// found on the PATH, else the path it was run by (`target/release/savae` after
 /// `cargo run`), so that a suggested command runs when copied.

@@ -292,10 +292,26 @@ pub fn image_grid(
 fn read_metrics(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect())
+    Ok(current_records(
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()),
+    ))
+}
+
+/// The records of the run as it stands. A process killed between saves logged steps
+/// past its last checkpoint; the process that resumed from that checkpoint (a `resume`
+/// record at step S) takes them again, so the records before it with a step after S are
+/// dropped.
+pub fn current_records(lines: impl IntoIterator<Item = Value>) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    for v in lines {
+        if v["kind"] == "resume" {
+            if let Some(s) = v["step"].as_u64() {
+                out.retain(|r| r["step"].as_u64().is_none_or(|t| t <= s));
+            }
+        }
+        out.push(v);
+    }
+    out
 }
 
 fn series(lines: &[&Value], name: &str, x: &str, y: &[&str]) -> Series {
@@ -795,4 +811,27 @@ pub fn run(a: ReportArgs) -> Result<()> {
         files.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_resume_drops_the_steps_logged_after_its_checkpoint() {
+        let lines = vec![
+            json!({"kind": "step", "step": 100, "loss": 3.0}),
+            json!({"kind": "epoch", "epoch": 1, "step": 120}),
+            json!({"kind": "step", "step": 200, "loss": 2.0}),
+            // Killed here; the last save was at step 150.
+            json!({"kind": "resume", "step": 150}),
+            json!({"kind": "step", "step": 200, "loss": 2.5}),
+            json!({"kind": "interrupt", "step": 230}),
+            json!({"kind": "resume", "step": 230}),
+        ];
+        let kept = current_records(lines.clone());
+        let want = [0, 1, 3, 4, 5, 6].map(|i| lines[i].clone());
+        assert_eq!(kept, want);
+    }
 }

@@ -38,6 +38,11 @@ pub struct TrainArgs {
     /// Stop after this many consecutive non-finite batches.
     #[arg(long, default_value_t = 10)]
     pub max_bad_batches: usize,
+    /// Also save last.safetensors mid-epoch every this many minutes, so that a killed
+    /// process (a preempted job, a closed terminal) loses at most that much; 0 saves
+    /// after every batch. Epoch ends and Ctrl-C save regardless.
+    #[arg(long, default_value = "10", value_name = "MINUTES", value_parser = crate::flags::minutes)]
+    pub save_every: std::time::Duration,
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -93,6 +98,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         data_dir: a.machine.data_dir(),
         device: a.machine.device()?,
         max_bad_batches: a.max_bad_batches,
+        save_every: Some(a.save_every),
     };
     let dir = run_dir.display().to_string();
     let mut trainer = if a.resume {
@@ -221,6 +227,12 @@ impl Observer for CliObserver {
             );
         }
         if start.resumed {
+            // Steps an earlier process logged after this checkpoint (it was killed between
+            // saves) are taken again; readers drop them (see report::current_records).
+            let st = start.state;
+            self.metrics.write(
+                json!({"kind": "resume", "epoch": st.epoch + 1, "batch": st.batch, "step": st.step}),
+            )?;
             eprintln!(
                 "savae: resuming {} at epoch {}, batch {} (step {})",
                 self.run_dir.display(),

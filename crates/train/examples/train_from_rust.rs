@@ -26,12 +26,7 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
         valid_examples: Some(100),
         ..TrainConfig::defaults_for("mnist")
     };
-    let opts = RunOptions {
-        run_dir: run_dir.clone(),
-        data_dir: data_dir.clone(),
-        device: candle_core::Device::Cpu,
-        max_bad_batches: 10,
-    };
+    let opts = RunOptions::new(run_dir.clone(), data_dir.clone(), candle_core::Device::Cpu);
     let first = Trainer::create(cfg, opts.clone(), true)?.run(&mut Silent)?;
     // Resume from last.safetensors for a second epoch.
     let more = TrainOverrides {

@@ -21,7 +21,7 @@ use candle_core::{Device, Var};
 use savae_data::{epoch_order, Stream};
 use savae_model::{Batch, ModelConfig, Vae};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Where a run lives and what it runs on.
 #[derive(Debug, Clone)]
@@ -34,9 +34,26 @@ pub struct RunOptions {
     pub device: Device,
     /// Consecutive non-finite batches tolerated before the run stops with an error.
     pub max_bad_batches: usize,
+    /// Also write `last.safetensors` mid-epoch once this much time has passed since the
+    /// run's last save, so that a process killed without warning (a preempted job, a
+    /// closed session) loses at most about this much work. `None`: save only at epoch
+    /// ends and on a stop request. Saving does not change what the run computes.
+    pub save_every: Option<Duration>,
 }
 
 impl RunOptions {
+    /// Options for a run in `run_dir` on `device`, reading the data from `data_dir`: 10
+    /// non-finite batches in a row tolerated, saves only at epoch ends and on stop requests.
+    pub fn new(run_dir: PathBuf, data_dir: PathBuf, device: Device) -> Self {
+        Self {
+            run_dir,
+            data_dir,
+            device,
+            max_bad_batches: 10,
+            save_every: None,
+        }
+    }
+
     pub fn last_path(&self) -> PathBuf {
         self.run_dir.join("last.safetensors")
     }
@@ -690,18 +707,12 @@ impl Trainer {
         let fresh_outer = cfg.outer_noise == OuterNoise::Fresh && cfg.model.refines();
         let start_batch = self.state.batch;
         obs.on_epoch_start(epoch, start_batch)?;
-        let te = Instant::now();
+        let mut te = Instant::now();
+        let mut saved_at = Instant::now();
         let mut bad_run = 0usize;
         for (bi, idx) in batches.iter().enumerate().skip(start_batch) {
             if bi > start_batch && obs.stop_requested() {
-                self.state.batch = bi;
-                self.state.epoch_stats.seconds_before += te.elapsed().as_secs_f64();
-                checkpoint::save(
-                    &self.opts.last_path(),
-                    &self.model,
-                    Some(&self.adam),
-                    &self.meta(),
-                )?;
+                self.save_position(bi, &mut te)?;
                 obs.on_stop(&StopRecord {
                     epoch,
                     batch: bi,
@@ -710,6 +721,15 @@ impl Trainer {
                     saved: true,
                 })?;
                 return Ok(false);
+            }
+            if bi > start_batch
+                && self
+                    .opts
+                    .save_every
+                    .is_some_and(|e| saved_at.elapsed() >= e)
+            {
+                self.save_position(bi, &mut te)?;
+                saved_at = Instant::now();
             }
             let mut rng = Stream::Train.rng(cfg.seed, epoch as u64, bi as u64);
             // Dropout masks (text) are drawn with the batch and held fixed for the step.
@@ -778,6 +798,21 @@ impl Trainer {
         }
         self.finish_epoch(obs, beta, te)?;
         Ok(true)
+    }
+
+    /// Writes `last.safetensors` at the position before batch `batch` of the current
+    /// epoch, with the time the epoch has run so far (moved out of `epoch_clock`, which
+    /// restarts) carried in the state.
+    fn save_position(&mut self, batch: usize, epoch_clock: &mut Instant) -> Result<()> {
+        self.state.batch = batch;
+        self.state.epoch_stats.seconds_before += epoch_clock.elapsed().as_secs_f64();
+        *epoch_clock = Instant::now();
+        checkpoint::save(
+            &self.opts.last_path(),
+            &self.model,
+            Some(&self.adam),
+            &self.meta(),
+        )
     }
 
     /// Validation, checkpoints and the epoch record at the end of an epoch.
