@@ -57,8 +57,14 @@ model_flags() {
         FLAGS=(--model savae --grad implicit --svi-optimizer newton-ls --svi-steps 12 --svi-tol 0.1
             --newton-solve inexact --samples 1 --prox 20 --cg-tol 1e-3)
         ;;
-    # SA-VAE's own refinement, SGD K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch).
-    ptb-savae-unrolled) FLAGS=(--model savae --grad unrolled --svi-steps 10) ;;
+    # SA-VAE's own refinement, SGD K = 10 (2.9 s per step on 2 cores, 1.1 h per epoch),
+    # with its code's cap on the reverse pass (optim_n2n.py: 5 after every reverse step).
+    # The exact unrolled gradient exploded: in epoch 2 the model gradient's norm had a
+    # median of 435 and a maximum of 6.8e6 over the logged steps (the implicit run's: 13
+    # and 26), the refinement stopped converging (final ‖∇F‖ median 17 against 0.04) and
+    # the encoder fell 35 nats behind it; its epoch 1 ended at validation bound PPL 773
+    # (bench/results/ptb-savae-unrolled-exact-scratch-metrics.jsonl).
+    ptb-savae-unrolled) FLAGS=(--model savae --grad unrolled --svi-steps 10 --unrolled-clip 5) ;;
     *)
         echo "scripts/models.sh: no model named '$1'" >&2
         return 1

@@ -159,7 +159,7 @@ fn training_steps_agree_on_both_paths() {
         };
         let amortized = common::step_cfg(
             Mode::Savae {
-                gradient: savae_train::SavaeGradient::Unrolled,
+                gradient: savae_train::SavaeGradient::Unrolled { reverse_clip: None },
                 encoder_loss: savae_train::options::EncoderLoss::Amortized,
             },
             30,

@@ -82,7 +82,7 @@ pub fn savae_implicit(hvp: savae_implicit::HvpKind) -> savae_train::Mode {
 /// The SA-VAE unrolled gradient (encoder through the refinement).
 pub fn savae_unrolled() -> savae_train::Mode {
     savae_train::Mode::Savae {
-        gradient: savae_train::SavaeGradient::Unrolled,
+        gradient: savae_train::SavaeGradient::Unrolled { reverse_clip: None },
         encoder_loss: savae_train::options::EncoderLoss::Refined,
     }
 }

@@ -335,7 +335,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
                 clip: f64::INFINITY,
             },
             prox: a.prox,
-            tol: if gradient == SavaeGradient::Unrolled {
+            tol: if matches!(gradient, SavaeGradient::Unrolled { .. }) {
                 0.0
             } else {
                 settings.svi.early_stop_tol
@@ -347,7 +347,7 @@ pub fn run(a: GradcheckArgs) -> Result<()> {
     let step_with = |c: &StepConfig| train_step_outer(&model, &x, &eps, outer_eps.as_ref(), c);
     let step = |gradient| step_with(&cfg(gradient));
     let imp = step(implicit)?;
-    let unr = step(SavaeGradient::Unrolled)?;
+    let unr = step(SavaeGradient::Unrolled { reverse_clip: None })?;
     let gi = flat(&imp.grads)?;
     let gu = flat(&unr.grads)?;
     let capped = match a.cg_iters {

@@ -19,4 +19,4 @@ pub use svi::{
     refine, refine_rows, refine_with_hvp, Backtracking, HvpOracle, NewtonSolve, Refinement,
     SviConfig, SviMethod, SviOptimizer, SviStep,
 };
-pub use unrolled::{unrolled_backward, UnrolledGrad};
+pub use unrolled::{unrolled_backward, ReverseClip, UnrolledGrad};

@@ -135,6 +135,11 @@ settings! {
     /// ‖∇F(λ_K)‖ above which an example is not stationary and takes the identity fallback.
     #[serde(default = "default_stationarity_tol")]
     stationarity_tol: one f64 = default_stationarity_tol();
+    /// Cap of the unrolled gradient's reverse pass (0: exact): after every reverse step,
+    /// each example's adjoint λ̄ and the step's decoder term to this norm, as SA-VAE's code
+    /// does (with 5). The exact one explodes where the refinement's steps are unstable.
+    #[serde(default)]
+    unrolled_clip: one f64 = 0.0;
     /// Hessian-vector products: exact (double backward) or fd (differences).
     #[arg(value_enum)]
     hvp: one HvpKind = HvpKind::Exact;
@@ -374,6 +379,7 @@ impl TrainConfig {
             ("stationarity_tol", self.stationarity_tol),
             ("svi_tol", self.svi_tol),
             ("max_grad_norm", self.max_grad_norm),
+            ("unrolled_clip", self.unrolled_clip),
         ] {
             require(
                 v.is_finite() && v >= 0.0,
@@ -478,7 +484,13 @@ impl TrainConfig {
             ModelKind::VaeSvi => Mode::VaeSvi,
             ModelKind::Savae => Mode::Savae {
                 gradient: match self.grad {
-                    GradientKind::Unrolled => SavaeGradient::Unrolled,
+                    GradientKind::Unrolled => SavaeGradient::Unrolled {
+                        reverse_clip: (self.unrolled_clip > 0.0).then_some(
+                            savae_inference::ReverseClip {
+                                norm: self.unrolled_clip,
+                            },
+                        ),
+                    },
                     GradientKind::Implicit => SavaeGradient::Implicit(ImplicitGradient {
                         solve: savae_implicit::ShiftedSolve {
                             cg: savae_implicit::CgConfig {
@@ -528,5 +540,35 @@ mod tests {
         assert_eq!(text.setting_text("valid_examples").unwrap(), "all");
         assert_eq!(text.setting_text("hidden").unwrap(), "256");
         assert_eq!(img.setting_text("no_such_setting"), None);
+    }
+
+    #[test]
+    fn unrolled_clip_chooses_the_reverse_pass_and_is_checked() {
+        use crate::step::{Mode, SavaeGradient};
+        use savae_inference::ReverseClip;
+        let mut cfg = TrainConfig {
+            model: ModelKind::Savae,
+            grad: GradientKind::Unrolled,
+            ..TrainConfig::default()
+        };
+        let clip = |c: &TrainConfig| match c.mode() {
+            Mode::Savae {
+                gradient: SavaeGradient::Unrolled { reverse_clip },
+                ..
+            } => reverse_clip,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(clip(&cfg), None, "0 (the default): the exact recursion");
+        cfg.unrolled_clip = 5.0;
+        assert_eq!(clip(&cfg), Some(ReverseClip { norm: 5.0 }));
+        cfg.validate().unwrap();
+        cfg.unrolled_clip = -1.0;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("unrolled_clip"), "{err}");
+        // Checkpoints written before the setting existed resume with the exact recursion.
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("unrolled_clip");
+        let back: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(back.unrolled_clip, 0.0);
     }
 }

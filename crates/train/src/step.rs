@@ -13,7 +13,8 @@ use savae_implicit::{
     BatchedOperator, ExactHvp, FdHvp, ShiftedSolve, ValueGrad,
 };
 use savae_inference::{
-    refine_rows, refine_with_hvp, unrolled_backward, Refinement, SviConfig, SviOptimizer,
+    refine_rows, refine_with_hvp, unrolled_backward, Refinement, ReverseClip, SviConfig,
+    SviOptimizer,
 };
 use savae_model::{
     elbo, Batch, Decoder, DecoderElbo, ElboPoint, Encoder, LstmElbo, LstmEncoder, LstmEncoderTape,
@@ -41,8 +42,9 @@ pub enum Mode {
 pub enum SavaeGradient {
     /// The implicit function theorem at λ*: one adjoint solve.
     Implicit(ImplicitGradient),
-    /// Backpropagation through the SGD steps of the refinement.
-    Unrolled,
+    /// Backpropagation through the SGD steps of the refinement, exact or with the reverse
+    /// pass capped at every step (SA-VAE's code).
+    Unrolled { reverse_clip: Option<ReverseClip> },
 }
 
 /// The settings of the implicit gradient.
@@ -78,7 +80,7 @@ impl Mode {
                 ..
             } => "savae-implicit",
             Self::Savae {
-                gradient: SavaeGradient::Unrolled,
+                gradient: SavaeGradient::Unrolled { .. },
                 ..
             } => "savae-unrolled",
             other => other.kind().name(),
@@ -916,7 +918,7 @@ fn savae_step(
     encoder_loss: EncoderLoss,
 ) -> Result<StepOutput> {
     let (model, b) = (s.model, s.x.len() as f64);
-    let unrolled = gradient == SavaeGradient::Unrolled;
+    let unrolled = matches!(gradient, SavaeGradient::Unrolled { .. });
     let (r, points, mut at_optimum) = if unrolled {
         let (r, points) = s.inner().refine_for_unrolled(&s.lambda0.0, svi)?;
         // The backward steps back from λ_K and needs no point there: the loss takes it.
@@ -966,8 +968,8 @@ fn savae_step(
         r.lambda.clone(),
     ))?)?;
     let (lambda0_grad, decoder_grads, cg_stats) = match gradient {
-        SavaeGradient::Unrolled => {
-            let (l0, dec) = unrolled_gradient(s, &r, &g, svi, &points)?;
+        SavaeGradient::Unrolled { reverse_clip } => {
+            let (l0, dec) = unrolled_gradient(s, &r, &g, svi, reverse_clip, &points)?;
             (l0, dec, None)
         }
         SavaeGradient::Implicit(imp) => {
@@ -1004,6 +1006,7 @@ fn unrolled_gradient(
     r: &Refinement,
     g: &Tensor,
     svi: &SviConfig,
+    clip: Option<ReverseClip>,
     points: &Points,
 ) -> Result<(Tensor, Vec<Tensor>)> {
     let dec_tensors = s.decoder_tensors();
@@ -1027,7 +1030,7 @@ fn unrolled_gradient(
         .iter()
         .map(|t| t.zeros_like())
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let ug = unrolled_backward(&second_order, r, g, svi, zeros)?;
+    let ug = unrolled_backward(&second_order, r, g, svi, clip, zeros)?;
     Ok((ug.lambda0_grad, ug.theta_grads))
 }
 
