@@ -63,6 +63,18 @@ fn assert_ok(out: &std::process::Output) {
     );
 }
 
+/// Panics unless the two run folders' last.safetensors hold the same tensors, bit for bit.
+fn assert_same_weights(a: &Path, b: &Path, after: &str) {
+    let (ta, tb) = (
+        tensors(&a.join("last.safetensors")),
+        tensors(&b.join("last.safetensors")),
+    );
+    assert_eq!(ta.len(), tb.len());
+    for ((name, da), (_, db)) in ta.iter().zip(&tb) {
+        assert!(da == db, "tensor {name} differs after {after}");
+    }
+}
+
 fn steps_logged(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .map(|s| {
@@ -161,17 +173,7 @@ fn sigterm_mid_epoch_saves_and_resume_is_bit_identical() {
             assert_eq!(s[k], c[k], "epoch {}: {k}", s["epoch"]);
         }
     }
-    let (a, b) = (
-        tensors(&straight.join("last.safetensors")),
-        tensors(&cut.join("last.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((na, da), (_, db)) in a.iter().zip(&b) {
-        assert!(
-            da == db,
-            "tensor {na} differs after an interrupted and resumed run"
-        );
-    }
+    assert_same_weights(&straight, &cut, "an interrupted and resumed run");
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&cut);
 }
@@ -347,14 +349,7 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
         .output()
         .unwrap();
     assert_ok(&resumed);
-    let (a, b) = (
-        tensors(&straight.join("last.safetensors")),
-        tensors(&run.join("last.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((na, da), (_, db)) in a.iter().zip(&b) {
-        assert!(da == db, "tensor {na} differs after parking and resuming");
-    }
+    assert_same_weights(&straight, &run, "parking and resuming");
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&runs);
     let _ = std::fs::remove_dir_all(parked.parent().unwrap());
@@ -415,14 +410,7 @@ fn a_run_killed_between_periodic_saves_resumes_from_the_last_one_bit_identically
     assert_eq!((s.epoch, s.batch, s.step), (1, 2, 6));
     let summary = resumed.run(&mut Silent).unwrap();
     assert_eq!((summary.epochs_done, summary.steps), (2, 8));
-    let (a, b) = (
-        tensors(&straight.join("last.safetensors")),
-        tensors(&killed.join("last.safetensors")),
-    );
-    assert_eq!(a.len(), b.len());
-    for ((na, da), (_, db)) in a.iter().zip(&b) {
-        assert!(da == db, "tensor {na} differs after a kill and a resume");
-    }
+    assert_same_weights(&straight, &killed, "a kill and a resume");
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&killed);
 }
