@@ -70,6 +70,8 @@ def run_recipe(savae, ck, beta, lr, seconds, name, flags):
             # Batched Hessian-vector products of the Newton steps' solves (their main cost).
             "hessian_products": [v.get("hessian_products") for v in svi],
             "loss": [round(s["loss"], 2) for s in steps],
+            # The model gradient's norm before the clip.
+            "grad_norm": [round(s["grad_norm"], 1) for s in steps],
             # What the refinement bought: ELBO at λ_K minus ELBO at λ0, nats per example.
             "refine_gain": [round(s["elbo_refined"] - s["elbo_amortized"], 3)
                             if s.get("elbo_refined") is not None

@@ -223,6 +223,15 @@ impl SviOptimizer {
         }
         self
     }
+
+    /// This optimizer with SGD's per-example clip at `clip` (∞: none; Adam and Newton: as
+    /// is).
+    pub fn with_sgd_clip(mut self, clip: f64) -> Self {
+        if let Self::Sgd { clip: c, .. } = &mut self {
+            *c = clip;
+        }
+        self
+    }
 }
 
 /// Refinement settings.

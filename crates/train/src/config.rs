@@ -117,6 +117,11 @@ settings! {
     #[serde(default = "exact_newton")]
     #[arg(value_enum)]
     newton_solve: one NewtonSolve = NewtonSolve::Exact;
+    /// The sgd refinement's clip of each example's ‖∇F_b‖, before the step's 1/batch-size
+    /// scale (0: none). SA-VAE's code clips the whole batch's scaled gradient at 5 instead,
+    /// which lets an example's step grow to about √(batch size) times this one's.
+    #[serde(default = "sgd_clip_5")]
+    svi_clip: one f64 = 5.0;
     /// Early stop of the refinement (0: never): newton and newton-ls stop each example
     /// once its ‖∇F_b‖ is below this (and evaluate only those still moving); sgd and adam
     /// stop when every example's is.
@@ -202,6 +207,11 @@ settings! {
 /// Runs written before `newton_solve` existed solved each Newton step to 1e-4.
 fn exact_newton() -> NewtonSolve {
     NewtonSolve::Exact
+}
+
+/// Runs written before `svi_clip` existed clipped at 5.
+fn sgd_clip_5() -> f64 {
+    5.0
 }
 
 /// Runs written before `encoder_loss` existed trained through the refinement.
@@ -380,6 +390,7 @@ impl TrainConfig {
             ("svi_tol", self.svi_tol),
             ("max_grad_norm", self.max_grad_norm),
             ("unrolled_clip", self.unrolled_clip),
+            ("svi_clip", self.svi_clip),
         ] {
             require(
                 v.is_finite() && v >= 0.0,
@@ -458,9 +469,15 @@ impl TrainConfig {
     /// The refinement optimizer `method` with this run's step size and Newton solve (the
     /// run's own, or another method asked for at evaluation).
     pub fn svi_optimizer_of(&self, method: SviMethod) -> savae_inference::SviOptimizer {
+        let clip = if self.svi_clip > 0.0 {
+            self.svi_clip
+        } else {
+            f64::INFINITY
+        };
         method
             .with_lr(self.svi_lr)
             .with_newton_solve(self.newton_solve)
+            .with_sgd_clip(clip)
     }
 
     /// The refinement of this run.
@@ -570,5 +587,27 @@ mod tests {
         old.as_object_mut().unwrap().remove("unrolled_clip");
         let back: TrainConfig = serde_json::from_value(old).unwrap();
         assert_eq!(back.unrolled_clip, 0.0);
+    }
+
+    #[test]
+    fn svi_clip_sets_sgds_per_example_clip_and_is_checked() {
+        use savae_inference::SviOptimizer;
+        let mut cfg = TrainConfig::default();
+        let clip = |c: &TrainConfig| match c.svi_config().optimizer {
+            SviOptimizer::Sgd { clip, .. } => clip,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(clip(&cfg), 5.0);
+        cfg.svi_clip = 28.0;
+        assert_eq!(clip(&cfg), 28.0);
+        cfg.svi_clip = 0.0;
+        assert_eq!(clip(&cfg), f64::INFINITY, "0: no clip");
+        cfg.svi_clip = f64::NAN;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("svi_clip"), "{err}");
+        let mut old = serde_json::to_value(TrainConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("svi_clip");
+        let back: TrainConfig = serde_json::from_value(old).unwrap();
+        assert_eq!(back.svi_clip, 5.0, "runs before the setting clipped at 5");
     }
 }
