@@ -5,7 +5,8 @@
 #
 # Each model: `savae train` into RUNS_DIR/<name>/ (best checkpoint chosen on the validation
 # split), then `savae eval` of best.safetensors on the test split into
-# RUNS_DIR/<name>/test.json (MNIST: 5000 importance samples; PTB: 500). Re-running skips
+# RUNS_DIR/<name>/test.json (MNIST: 5000 importance samples; PTB: 500; an interrupted
+# evaluation continues from RUNS_DIR/<name>/test.progress). Re-running skips
 # finished models and resumes interrupted ones: from RUNS_DIR or, where RUNS_DIR lacks one,
 # from PARKED_DIR (default bench/parked/, where `scripts/park.sh save` keeps unfinished runs
 # in the repository between sessions). SAVAE (default: the release binary, built first) and
@@ -58,7 +59,8 @@ run() {
         "$SAVAE" train --run-dir "$dir" --device "$device" --epochs "$EPOCHS" "$@"
     fi
     "$SAVAE" eval --checkpoint "$dir/best.safetensors" --split test --iw-samples "$iw" \
-        "${score[@]}" --device "$device" --quiet >"$dir/test.json.tmp"
+        "${score[@]}" --device "$device" --quiet --progress-file "$dir/test.progress" \
+        >"$dir/test.json.tmp"
     mv "$dir/test.json.tmp" "$dir/test.json"
     cat "$dir/test.json"
 }

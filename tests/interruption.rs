@@ -414,3 +414,77 @@ fn a_run_killed_between_periodic_saves_resumes_from_the_last_one_bit_identically
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&killed);
 }
+
+#[test]
+fn a_killed_evaluation_continues_from_its_progress_file_with_the_same_numbers() {
+    let dir = tmpdir("eval-progress");
+    let progress = dir.join("test.progress");
+    let ck = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../checkpoints/mnist-vae.safetensors"
+    );
+    let args = |seed: &str| -> Vec<String> {
+        [
+            "eval",
+            "--checkpoint",
+            ck,
+            "--max-examples",
+            "400",
+            "--iw-samples",
+            "100",
+            "--batch-size",
+            "20",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--seed",
+            seed,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let with_file = |seed: &str| -> Vec<String> {
+        let mut a = args(seed);
+        a.extend(["--progress-file".into(), progress.display().to_string()]);
+        a.extend(["--save-every".into(), "0".into()]);
+        a
+    };
+    let straight = bin().args(args("7")).output().unwrap();
+    assert_ok(&straight);
+    let mut child = bin()
+        .args(with_file("7"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !progress.exists() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(progress.exists(), "the evaluation wrote no progress file");
+    // Another evaluation (here another seed) refuses the file, naming it.
+    let other = bin().args(with_file("8")).output().unwrap();
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(
+        err.contains("test.progress") && err.contains("another evaluation"),
+        "{err}"
+    );
+    let resumed = bin().args(with_file("7")).output().unwrap();
+    assert_ok(&resumed);
+    let err = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        err.contains("continued from") && !err.contains("after 20 of 20"),
+        "the second run should continue the first: {err}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&straight.stdout),
+        String::from_utf8_lossy(&resumed.stdout),
+        "a continued evaluation reports what a straight one does"
+    );
+    assert!(!progress.exists(), "the progress file is removed once done");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use savae_train::eval::{evaluate_checkpoint, EvalRequest};
 use savae_train::options::{Passes, SviMethod};
-use savae_train::{Subset, SubsetOrder, TrainConfig, SETTINGS};
+use savae_train::{EvalProgressFile, Subset, SubsetOrder, TrainConfig, SETTINGS};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -124,6 +124,14 @@ pub struct EvalArgs {
     /// the same numbers up to rounding).
     #[arg(long, value_enum, default_value_t = Passes::Analytic)]
     passes: Passes,
+    /// Keep the running totals in FILE (atomically, every --save-every minutes) and
+    /// continue from it when it holds this evaluation's: a killed evaluation then resumes
+    /// where it stopped, with the same numbers. Removed once the result is printed.
+    #[arg(long, value_name = "FILE")]
+    progress_file: Option<PathBuf>,
+    /// Minutes between writes of --progress-file (0: after every batch).
+    #[arg(long, default_value = "10", value_name = "MINUTES", value_parser = flags::minutes)]
+    save_every: std::time::Duration,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -145,11 +153,26 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         seed: a.seed,
         data_dir: a.machine.data_dir(),
         passes: a.passes,
+        progress_file: a.progress_file.clone().map(|path| EvalProgressFile {
+            path,
+            save_every: a.save_every,
+        }),
     };
     let (pb, mut progress) = flags::eval_progress(!a.quiet);
     let e = evaluate_checkpoint(&req, &dev, &mut progress)?;
     pb.finish_and_clear();
+    if let (Some(p), Some(k)) = (&a.progress_file, e.continued_after) {
+        eprintln!(
+            "savae: continued from {} after {k} of {} batches",
+            p.display(),
+            e.batches
+        );
+    }
     println!("{}", e.json);
+    if let Some(p) = &a.progress_file {
+        // Done: a later evaluation of the same request starts over.
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 

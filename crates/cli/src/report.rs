@@ -696,6 +696,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
         seed: a.seed,
         data_dir: a.machine.data_dir(),
         passes: savae_model::Passes::Analytic,
+        progress_file: None,
     };
     let (pb, mut progress) = crate::flags::eval_progress(!a.quiet);
     let e = evaluate_checkpoint(&req, &device, &mut progress)?;

@@ -52,6 +52,7 @@ fn train_resume_evaluate(run_dir: PathBuf) -> Result<f64> {
         seed: 1,
         data_dir,
         passes: savae_train::options::Passes::Analytic,
+        progress_file: None,
     };
     let e = evaluate_checkpoint(&req, &candle_core::Device::Cpu, &mut |_| {})?;
     println!("{}", e.json);

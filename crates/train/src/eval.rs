@@ -10,6 +10,7 @@
 
 use crate::batch;
 use crate::batch::SplitData;
+use crate::partial::EvalProgressFile;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use savae_data::Stream;
@@ -192,26 +193,27 @@ pub fn importance_log_likelihood(
     Ok((acc - (n as f64).ln())?)
 }
 
-/// Sums over the examples of an evaluation, absorbed batch by batch.
+/// Sums over the examples of an evaluation, absorbed batch by batch (and kept on disk by
+/// [`crate::partial`]).
 #[derive(Debug, Default)]
-struct EvalTotals {
-    examples: usize,
-    elbo_amortized: f64,
-    elbo_refined: f64,
-    kl_amortized: f64,
-    kl_refined: f64,
+pub(crate) struct EvalTotals {
+    pub examples: usize,
+    pub elbo_amortized: f64,
+    pub elbo_refined: f64,
+    pub kl_amortized: f64,
+    pub kl_refined: f64,
     /// −Σ log p̂(x).
-    nll: f64,
-    svi_grad_norm: f64,
-    svi_resets: usize,
-    svi_line_search_failures: usize,
-    svi_steps: usize,
-    means_amortized: Vec<Vec<f64>>,
-    means_refined: Vec<Vec<f64>>,
-    logvars_amortized: Vec<Vec<f64>>,
-    logvars_refined: Vec<Vec<f64>>,
-    per_example_amortized: Vec<f64>,
-    per_example_refined: Vec<f64>,
+    pub nll: f64,
+    pub svi_grad_norm: f64,
+    pub svi_resets: usize,
+    pub svi_line_search_failures: usize,
+    pub svi_steps: usize,
+    pub means_amortized: Vec<Vec<f64>>,
+    pub means_refined: Vec<Vec<f64>>,
+    pub logvars_amortized: Vec<Vec<f64>>,
+    pub logvars_refined: Vec<Vec<f64>>,
+    pub per_example_amortized: Vec<f64>,
+    pub per_example_refined: Vec<f64>,
 }
 
 impl EvalTotals {
@@ -285,13 +287,37 @@ pub fn evaluate_with_progress(
     device: &Device,
     progress: &mut dyn FnMut(EvalProgress),
 ) -> Result<EvalReport> {
+    Ok(evaluate_keeping(model, split, split_name, opts, device, progress, None)?.0)
+}
+
+/// [`evaluate_with_progress`], continuing from the totals `kept` holds for the evaluation
+/// `key` (if any) and writing them there as it goes; with the batches it continued after.
+fn evaluate_keeping(
+    model: &Vae,
+    split: &SplitData,
+    split_name: &str,
+    opts: &EvalOptions,
+    device: &Device,
+    progress: &mut dyn FnMut(EvalProgress),
+    kept: Option<(&EvalProgressFile, &str)>,
+) -> Result<(EvalReport, Option<usize>)> {
     let dtype = model.dtype();
     let d = model.latent_dim();
     let n = split.len();
     let latent = model.config.has_latent();
     let dec_det = model.decoder.detached();
-    let mut tot = EvalTotals::default();
-    for (bi, idx) in split.eval_batches(opts.batch_size).iter().enumerate() {
+    let (mut tot, continued) = match kept.map(|(f, key)| f.load(key)).transpose()?.flatten() {
+        Some(saved) => (saved.totals, Some(saved.batches)),
+        None => (EvalTotals::default(), None),
+    };
+    let start = continued.unwrap_or(0);
+    let mut saved_at = std::time::Instant::now();
+    for (bi, idx) in split
+        .eval_batches(opts.batch_size)
+        .iter()
+        .enumerate()
+        .skip(start)
+    {
         let b = idx.len();
         let mut rng = Stream::Eval.rng(opts.seed, 0, bi as u64);
         let x = split.batch(idx, &mut rng, dtype, device, None)?;
@@ -346,8 +372,12 @@ pub fn evaluate_with_progress(
             total: n,
             elbo_refined: tot.elbo_refined / tot.examples.max(1) as f64,
         });
+        if let Some((f, key)) = kept.filter(|(f, _)| saved_at.elapsed() >= f.save_every) {
+            f.save(key, bi + 1, &tot)?;
+            saved_at = std::time::Instant::now();
+        }
     }
-    Ok(report(model, split, split_name, opts, tot))
+    Ok((report(model, split, split_name, opts, tot), continued))
 }
 
 /// The report of finished totals.
@@ -493,6 +523,8 @@ pub struct EvalRequest {
     /// Derivatives of the refinement's objective (the same numbers either way, up to
     /// rounding; analytic is faster).
     pub passes: savae_model::Passes,
+    /// Keep the running totals in this file and continue from it (None: start over).
+    pub progress_file: Option<EvalProgressFile>,
 }
 
 /// The loaded pieces of an evaluation, for callers that draw from them.
@@ -506,6 +538,10 @@ pub struct Evaluated {
     pub vocab: Option<savae_data::Vocab>,
     pub meta: crate::checkpoint::CheckpointMeta,
     pub options: EvalOptions,
+    /// The batches done before, where the request's progress file held them.
+    pub continued_after: Option<usize>,
+    /// The evaluation's batches.
+    pub batches: usize,
 }
 
 /// Loads the checkpoint and data and evaluates as requested, calling `progress` after
@@ -563,7 +599,27 @@ pub fn evaluate_checkpoint(
         seed: req.seed,
         passes: req.passes,
     };
-    let report = evaluate_with_progress(&model, &s, req.split.name(), &options, device, progress)?;
+    // What identifies this evaluation for its progress file: the checkpoint, the examples
+    // and every option.
+    let key = serde_json::json!({
+        "checkpoint_bytes": std::fs::metadata(&req.checkpoint).map(|m| m.len()).ok(),
+        "dataset": ck.meta.dataset, "epoch": ck.meta.epoch, "step": ck.meta.step,
+        "valid_elbo": ck.meta.valid_elbo.map(f64::to_bits),
+        "split": req.split.name(), "subset": req.subset, "examples": s.len(),
+        "options": format!("{options:?}"),
+    })
+    .to_string();
+    let kept = req.progress_file.as_ref().map(|f| (f, key.as_str()));
+    let batches = s.eval_batches(options.batch_size).len();
+    let (report, continued_after) = evaluate_keeping(
+        &model,
+        &s,
+        req.split.name(),
+        &options,
+        device,
+        progress,
+        kept,
+    )?;
     let mut json = serde_json::to_value(&report)?;
     json["checkpoint"] = serde_json::json!(req.checkpoint.display().to_string());
     json["dataset"] = serde_json::json!(ck.meta.dataset);
@@ -577,7 +633,9 @@ pub fn evaluate_checkpoint(
         split: s,
         vocab: data.vocab,
         meta: ck.meta,
+        batches,
         options,
+        continued_after,
     })
 }
 

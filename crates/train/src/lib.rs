@@ -8,6 +8,7 @@
 //! - [`adam`], [`batch`], [`checkpoint`]: the optimizer, device batches and noise, and the
 //!   safetensors checkpoint format;
 //! - [`eval`]: ELBOs, KL, importance-sampled NLL, perplexity and mutual information;
+//!   [`partial`]: an evaluation's running totals on disk, so that a killed one continues;
 //! - [`trainer`]: the loop as a value ([`Trainer`]) with its position ([`TrainState`]) and
 //!   an [`Observer`] for steps, epochs and stop requests.
 //!
@@ -23,6 +24,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod eval;
 pub mod options;
+pub mod partial;
 pub mod step;
 pub mod threads;
 pub mod trainer;
@@ -32,6 +34,7 @@ pub use eval::{
     evaluate, evaluate_checkpoint, EvalOptions, EvalReport, EvalRequest, Subset, SubsetOrder,
 };
 pub use options::SettingError;
+pub use partial::EvalProgressFile;
 pub use step::{ImplicitGradient, Mode, SavaeGradient, StepConfig, StepOutput};
 pub use threads::configure_cpu_threads;
 pub use trainer::{Observer, RunOptions, Silent, TrainState, TrainSummary, Trainer};
