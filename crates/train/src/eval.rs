@@ -275,23 +275,12 @@ pub fn evaluate(
     opts: &EvalOptions,
     device: &Device,
 ) -> Result<EvalReport> {
-    evaluate_with_progress(model, split, split_name, opts, device, &mut |_| {})
+    Ok(evaluate_keeping(model, split, split_name, opts, device, &mut |_| {}, None)?.0)
 }
 
-/// [`evaluate`], calling `progress` after every batch.
-pub fn evaluate_with_progress(
-    model: &Vae,
-    split: &SplitData,
-    split_name: &str,
-    opts: &EvalOptions,
-    device: &Device,
-    progress: &mut dyn FnMut(EvalProgress),
-) -> Result<EvalReport> {
-    Ok(evaluate_keeping(model, split, split_name, opts, device, progress, None)?.0)
-}
-
-/// [`evaluate_with_progress`], continuing from the totals `kept` holds for the evaluation
-/// `key` (if any) and writing them there as it goes; with the batches it continued after.
+/// [`evaluate`], calling `progress` after every batch, continuing from the totals `kept`
+/// holds for the evaluation `key` (if any) and writing them there as it goes; with the
+/// batches it continued after.
 fn evaluate_keeping(
     model: &Vae,
     split: &SplitData,
