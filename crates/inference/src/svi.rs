@@ -234,6 +234,16 @@ impl SviOptimizer {
     }
 }
 
+/// Per-example clip scales c_b = min(1, clip / n_b) of the row norms `norms` `[B, 1]`
+/// (clip ∞: ones).
+pub(crate) fn clip_scales(norms: &Tensor, clip: f64) -> Result<Tensor> {
+    Ok(if clip.is_finite() {
+        (norms.recip()? * clip)?.clamp(0.0, 1.0)?
+    } else {
+        norms.ones_like()?
+    })
+}
+
 /// Refinement settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SviConfig {
@@ -432,11 +442,7 @@ fn refine_first_order(
         match cfg.optimizer {
             SviOptimizer::Sgd { lr, momentum, clip } => {
                 // c_b = min(1, clip / ‖∇F_b‖), scaled by 1/batch size.
-                let c = if clip.is_finite() {
-                    (norms.recip()? * clip)?.clamp(0.0, 1.0)?
-                } else {
-                    norms.ones_like()?
-                };
+                let c = clip_scales(&norms, clip)?;
                 if let Some(p) = path.as_mut() {
                     p.push((lambda.clone(), c.clone()));
                 }

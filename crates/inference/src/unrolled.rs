@@ -19,6 +19,7 @@
 //! the others of its batch, as in the forward clip) and the step's θ term as a whole. The
 //! result is then a bounded surrogate of the gradient, not the gradient.
 
+use crate::svi::clip_scales;
 use crate::{Refinement, SviConfig, SviOptimizer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -89,11 +90,10 @@ pub fn unrolled_backward(
     })
 }
 
-/// Each row of `x` `[B, n]` scaled to norm at most `norm`.
+/// Each row of `x` `[B, n]` scaled to norm at most `norm` (the forward clip's rule).
 fn clip_rows(x: &Tensor, norm: f64) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let c = (n.recip()? * norm)?.clamp(0.0, 1.0)?;
-    Ok(x.broadcast_mul(&c)?)
+    Ok(x.broadcast_mul(&clip_scales(&n, norm)?)?)
 }
 
 /// The tensors scaled together to global norm at most `norm`.

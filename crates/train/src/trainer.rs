@@ -707,8 +707,8 @@ impl Trainer {
         let fresh_outer = cfg.outer_noise == OuterNoise::Fresh && cfg.model.refines();
         let start_batch = self.state.batch;
         obs.on_epoch_start(epoch, start_batch)?;
+        // The epoch's clock since its start or its last save (save_position restarts it).
         let mut te = Instant::now();
-        let mut saved_at = Instant::now();
         let mut bad_run = 0usize;
         for (bi, idx) in batches.iter().enumerate().skip(start_batch) {
             if bi > start_batch && obs.stop_requested() {
@@ -722,14 +722,8 @@ impl Trainer {
                 })?;
                 return Ok(false);
             }
-            if bi > start_batch
-                && self
-                    .opts
-                    .save_every
-                    .is_some_and(|e| saved_at.elapsed() >= e)
-            {
+            if bi > start_batch && self.opts.save_every.is_some_and(|e| te.elapsed() >= e) {
                 self.save_position(bi, &mut te)?;
-                saved_at = Instant::now();
             }
             let mut rng = Stream::Train.rng(cfg.seed, epoch as u64, bi as u64);
             // Dropout masks (text) are drawn with the batch and held fixed for the step.
