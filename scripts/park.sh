@@ -16,9 +16,13 @@
 #                      it back, eval and report do), a third of the full file's size;
 #   metrics.jsonl      as written.
 # A run counts as unfinished while it has no test.json (reproduce.sh writes that last).
-# A run over PARK_MAX_MIB (default 40; a MNIST run is 22 MiB, a PTB one about 140) is not
-# parked: a GPU lease carries the working tree and the binary, 64 MiB in all, and each save
-# would add the run to the repository's history again.
+# A run over PARK_MAX_MIB (default 160; a MNIST run is 22 MiB, a PTB one 135) is not parked.
+# Until 2026-12-06 the default was 40, which kept PTB runs out of the repository: a GPU lease
+# carries at most 64 MiB of working tree, and each save adds the run to the history again.
+# Then a session was handed a fresh machine and three PTB runs went with the old one (the
+# implicit SA-VAE after 6.9 epochs, the unrolled one after 3, vae-svi after 17: some 30
+# core-hours), which costs more than about 140 MB of history a session. Before a GPU lease,
+# keep bench/parked out of the tree that travels (the warning below says how).
 # save refuses a run that a `savae train` is still writing: stop it first with SIGTERM
 # (it saves its place in last.safetensors and exits). reproduce.sh calls restore itself.
 # SAVAE (default target/release/savae) is the binary that save uses for the export.
@@ -26,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 parked=${PARKED_DIR:-bench/parked}
 savae=${SAVAE:-target/release/savae}
-max_mib=${PARK_MAX_MIB:-40}
+max_mib=${PARK_MAX_MIB:-160}
 
 die() {
     echo "park.sh: $*" >&2
@@ -82,7 +86,7 @@ save() {
         find "$parked" -type f -exec stat -c %s {} + 2>/dev/null
     ) | awk '{s += $1} END {printf "%d", s / 1048576}') || mib=0
     if [ "$mib" -gt 56 ]; then
-        echo "park.sh: warning: the working tree is now $mib MiB with $parked; a GPU lease carries 64 MiB with the binary, so drop finished runs (park.sh drop NAME) before using one" >&2
+        echo "park.sh: warning: the working tree is now $mib MiB with $parked; a GPU lease carries 64 MiB with the binary: before one, untrack it for the call (git rm -r -q --cached $parked; echo /$parked/ >> .git/info/exclude; afterwards remove that line and git add $parked), or drop finished runs (park.sh drop NAME)" >&2
     fi
 }
 
