@@ -21,7 +21,7 @@
 # carries at most 64 MiB of working tree, and each save adds the run to the history again.
 # Then a session was handed a fresh machine and three PTB runs went with the old one (the
 # implicit SA-VAE after 6.9 epochs, the unrolled one after 3, vae-svi after 17: some 30
-# core-hours), which costs more than about 140 MB of history a session. Before a GPU lease,
+# core-hours), which costs more than 135 MiB of history a session. Before a GPU lease,
 # keep bench/parked out of the tree that travels (the warning below says how).
 # save refuses a run that a `savae train` is still writing: stop it first with SIGTERM
 # (it saves its place in last.safetensors and exits). reproduce.sh calls restore itself.
