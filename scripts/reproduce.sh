@@ -50,7 +50,7 @@ run() {
     echo "== $name: savae train $*"
     # A run parked in the repository by an earlier session (scripts/park.sh) continues
     # where it stopped, on whatever machine this is.
-    if ! [ -f "$dir/last.safetensors" ] && [ -f "${PARKED_DIR:-bench/parked}/$name/last.safetensors" ]; then
+    if ! [ -f "$dir/last.safetensors" ] && [ -d "${PARKED_DIR:-bench/parked}/$name" ]; then
         scripts/park.sh restore "$name" "$runs"
     fi
     if [ -f "$dir/last.safetensors" ]; then

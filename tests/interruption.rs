@@ -278,6 +278,7 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     let parked = tmpdir("park-parked").join("parked");
     let run = runs.join("tiny");
     train_tiny(&run, "1");
+    let last_written = std::fs::read(run.join("last.safetensors")).unwrap();
     // A finished run (test.json written) is not parked.
     std::fs::create_dir_all(runs.join("done")).unwrap();
     std::fs::copy(
@@ -286,6 +287,24 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     )
     .unwrap();
     std::fs::write(runs.join("done/test.json"), "{}").unwrap();
+    // A run whose best epoch is not where it stopped (here another run's best): its best
+    // is parked as a file of its own.
+    let other = runs.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["last.safetensors", "metrics.jsonl"] {
+        std::fs::copy(run.join(f), other.join(f)).unwrap();
+    }
+    std::fs::copy(
+        straight.join("best.safetensors"),
+        other.join("best.safetensors"),
+    )
+    .unwrap();
+    // A park in the first layout (files straight in parked/tiny/), older than any save.
+    let first_layout = parked.join("tiny");
+    std::fs::create_dir_all(&first_layout).unwrap();
+    for f in ["last.safetensors", "metrics.jsonl"] {
+        std::fs::copy(straight.join(f), first_layout.join(f)).unwrap();
+    }
 
     // A run over PARK_MAX_MIB stays where it is (a tiny run is under 1 MiB, so 0 refuses it).
     let capped = park_with(
@@ -298,41 +317,84 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     assert!(capped.status.success(), "{log}");
     assert!(log.contains("0 run(s) parked"), "{log}");
     assert!(log.contains("over PARK_MAX_MIB"), "{log}");
-    assert!(!parked.join("tiny").exists(), "parked over the cap: {log}");
+    assert!(!parked.join("other").exists(), "parked over the cap: {log}");
     assert!(run.join("last.safetensors").is_file(), "{log}");
 
     let saved = park(&["save", runs.to_str().unwrap()], &parked);
     let log = String::from_utf8_lossy(&saved.stdout).to_string()
         + &String::from_utf8_lossy(&saved.stderr);
     assert!(saved.status.success(), "{log}");
-    assert!(log.contains("1 run(s) parked"), "{log}");
+    assert!(log.contains("2 run(s) parked"), "{log}");
     assert!(
         !parked.join("done").exists(),
         "a finished run was parked: {log}"
     );
-    let p = parked.join("tiny");
-    for f in ["last.safetensors", "best.safetensors", "metrics.jsonl"] {
+    // The older park is kept (a removal counts in a submission's size), and said so.
+    assert!(log.contains("older parks, kept"), "{log}");
+    assert!(first_layout.join("last.safetensors").is_file(), "{log}");
+    let generation = |name: &str| -> std::path::PathBuf {
+        let mut g: Vec<_> = std::fs::read_dir(parked.join(name))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        assert_eq!(g.len(), 1, "{name}: parks {g:?}: {log}");
+        g.pop().unwrap()
+    };
+    let p = generation("tiny");
+    assert!(
+        p.file_name().unwrap().to_str().unwrap().starts_with("step-0"),
+        "{p:?}"
+    );
+    // It stopped at the end of an epoch that improved: best is last's export, not a file.
+    for f in ["last.safetensors.pk", "metrics.jsonl", "best-is-last"] {
         assert!(p.join(f).is_file(), "{f} not parked: {log}");
     }
-    // best is parked without Adam's moments (export), last with them (resume needs them).
-    let names = |f: &Path| -> Vec<String> { tensors(f).into_iter().map(|(n, _)| n).collect() };
-    assert!(names(&p.join("last.safetensors"))
-        .iter()
-        .any(|n| n.starts_with("optim.")));
-    assert!(!names(&p.join("best.safetensors"))
-        .iter()
-        .any(|n| n.starts_with("optim.")));
+    assert!(!p.join("best.safetensors.pk").exists(), "{log}");
+    let q = generation("other");
+    assert!(q.join("best.safetensors.pk").is_file(), "{log}");
+    assert!(!q.join("best-is-last").exists(), "{log}");
+    // Packing shrinks the file (f32 bytes in lanes, deflated).
+    let packed = std::fs::metadata(p.join("last.safetensors.pk")).unwrap().len();
+    assert!(packed < last_written.len() as u64, "{packed} bytes packed");
+    // Saving again at the same position adds nothing.
+    let again = park(&["save", runs.to_str().unwrap()], &parked);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("at this position already"));
 
-    // The fresh machine: no run folder at all.
+    // The fresh machine: no run folder at all. restore takes the newest park.
     std::fs::remove_dir_all(&runs).unwrap();
     let restored = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
     assert_ok(&restored);
+    assert!(
+        std::fs::read(run.join("last.safetensors")).unwrap() == last_written,
+        "the restored last.safetensors is not the one written"
+    );
+    // best without Adam's moments, the weights of last: what an export writes.
+    let weights = |f: &Path| -> Vec<(String, Vec<u8>)> {
+        tensors(f)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("optim."))
+            .collect()
+    };
+    let best = tensors(&run.join("best.safetensors"));
+    assert!(!best.iter().any(|(n, _)| n.starts_with("optim.")));
+    assert!(best == weights(&run.join("last.safetensors")));
+    let restored_other = park(&["restore", "other", runs.to_str().unwrap()], &parked);
+    assert_ok(&restored_other);
+    assert!(
+        tensors(&other.join("best.safetensors")) == weights(&straight.join("best.safetensors"))
+    );
     // A second restore leaves the run it finds alone.
     let again = park(&["restore", "tiny", runs.to_str().unwrap()], &parked);
     assert!(String::from_utf8_lossy(&again.stdout).contains("left as it is"));
     let missing = park(&["restore", "nosuch", runs.to_str().unwrap()], &parked);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nosuch"));
+    // prune keeps the newest park only.
+    assert_ok(&park(&["prune", "tiny"], &parked));
+    assert!(!first_layout.join("last.safetensors").exists());
+    assert!(p.join("last.safetensors.pk").is_file());
 
     let resumed = bin()
         .args([
