@@ -344,7 +344,11 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     };
     let p = generation("tiny");
     assert!(
-        p.file_name().unwrap().to_str().unwrap().starts_with("step-0"),
+        p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("step-0"),
         "{p:?}"
     );
     // It stopped at the end of an epoch that improved: best is last's export, not a file.
@@ -356,7 +360,9 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     assert!(q.join("best.safetensors.pk").is_file(), "{log}");
     assert!(!q.join("best-is-last").exists(), "{log}");
     // Packing shrinks the file (f32 bytes in lanes, deflated).
-    let packed = std::fs::metadata(p.join("last.safetensors.pk")).unwrap().len();
+    let packed = std::fs::metadata(p.join("last.safetensors.pk"))
+        .unwrap()
+        .len();
     assert!(packed < last_written.len() as u64, "{packed} bytes packed");
     // Saving again at the same position adds nothing.
     let again = park(&["save", runs.to_str().unwrap()], &parked);
