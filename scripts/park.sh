@@ -26,7 +26,7 @@
 # last.safetensors and best.safetensors straight in bench/parked/<name>/, counts as oldest).
 # A run counts as unfinished while it has no test.json (reproduce.sh writes that last).
 # A park over PARK_MAX_MIB (default 160; a MNIST run is under 22 MiB, a PTB one 86 MiB
-# stopped at an epoch's end, 116 MiB elsewhere) is not written. Before a GPU lease, keep
+# stopped at an epoch's end, about 115 MiB elsewhere) is not written. Before a GPU lease, keep
 # bench/parked out of the tree that travels (the warning below says how).
 # save refuses a run that a `savae train` is still writing: stop it first with SIGTERM
 # (it saves its place in last.safetensors and exits). reproduce.sh calls restore itself.
