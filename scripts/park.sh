@@ -29,7 +29,8 @@
 # stopped at an epoch's end, about 115 MiB elsewhere) is not written. Before a GPU lease, keep
 # bench/parked out of the tree that travels (the warning below says how).
 # save refuses a run that a `savae train` is still writing: stop it first with SIGTERM
-# (it saves its place in last.safetensors and exits). reproduce.sh calls restore itself.
+# (it saves its place in last.safetensors and exits), or park an epoch's end that
+# scripts/snapshot-epochs.sh copied aside while it trains. reproduce.sh calls restore itself.
 # SAVAE (default target/release/savae) is the binary that save and restore use for exports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,10 +48,11 @@ need_savae() {
     [ -x "$savae" ] || die "$savae: no savae binary (build it: cargo build --release, or set SAVAE)"
 }
 
-# training DIR: is a `savae train` writing DIR? (matches --run-dir DIR on its command line)
+# training DIR: is a `savae train` writing DIR? (matches --run-dir DIR on its command line;
+# the binary may be a renamed copy, e.g. savae-bin-<commit>, kept apart from rebuilds)
 training() {
     local dir=${1%/}
-    pgrep -f -- "savae train .*--run-dir ${dir}( |$)" >/dev/null 2>&1
+    pgrep -f -- "(^|/)savae[^ /]* train .*--run-dir ${dir}( |$)" >/dev/null 2>&1
 }
 
 # parks NAME: NAME's parks, oldest first (the first layout's folder itself, then step-*/).

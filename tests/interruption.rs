@@ -423,6 +423,105 @@ fn a_parked_run_resumes_bit_identically_on_a_fresh_runs_folder() {
     let _ = std::fs::remove_dir_all(parked.parent().unwrap());
 }
 
+#[test]
+fn epoch_snapshots_hold_the_epoch_end_and_park_while_the_run_trains() {
+    // scripts/snapshot-epochs.sh copies a training run aside at each epoch's end, so that a
+    // session can park it there without stopping it.
+    let root = tmpdir("snapshots");
+    let run = root.join("runs/tiny");
+    let snap = root.join("snap");
+    train_tiny(&run, "1");
+    let last_written = std::fs::read(run.join("last.safetensors")).unwrap();
+    // The next epoch has begun: its step lines follow the epoch line.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        format!("{metrics}{{\"kind\":\"step\",\"epoch\":2,\"step\":41}}\n"),
+    )
+    .unwrap();
+    /// Kills the watcher however the test ends.
+    struct Watcher(std::process::Child);
+    impl Drop for Watcher {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut watcher = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/snapshot-epochs.sh"
+        ))
+        .args([run.to_str().unwrap(), snap.to_str().unwrap(), "0.1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Watcher)
+        .unwrap();
+    let at = snap.join("epoch-1/tiny");
+    let started = Instant::now();
+    let missed = snap.join("epoch-1/MISSED");
+    while !at.exists() && !missed.exists() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        at.exists(),
+        "no snapshot of epoch 1: {:?}",
+        std::fs::read_to_string(&missed)
+    );
+    assert!(std::fs::read(at.join("last.safetensors")).unwrap() == last_written);
+    assert!(at.join("best.safetensors").is_file());
+    let kept = std::fs::read_to_string(at.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        kept, metrics,
+        "the snapshot's metrics are not those of epoch 1's end"
+    );
+
+    // park.sh refuses a folder that a savae train writes, whatever the binary is called.
+    let fake = root.join("bin/savae-bin-0123abc");
+    std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
+    std::fs::write(&fake, "#!/bin/sh\nsleep 30\n").unwrap();
+    let mut writer = Command::new("sh")
+        .arg(&fake)
+        .args(["train", "--run-dir", at.to_str().unwrap(), "--resume"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let parked = root.join("parked");
+    let epoch_dir = snap.join("epoch-1");
+    let refused = park(&["save", epoch_dir.to_str().unwrap()], &parked);
+    let _ = writer.kill();
+    let _ = writer.wait();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("still writing"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let saved = park(&["save", epoch_dir.to_str().unwrap()], &parked);
+    assert_ok(&saved);
+    let p = parked.join("tiny/step-000000040");
+    assert!(p.join("best-is-last").is_file(), "{p:?}");
+    assert_eq!(
+        std::fs::read_to_string(p.join("metrics.jsonl")).unwrap(),
+        metrics
+    );
+
+    // The watcher stops once the run has its test.json.
+    std::fs::write(run.join("test.json"), "{}").unwrap();
+    let started = Instant::now();
+    let mut status = None;
+    while status.is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(100));
+        status = watcher.0.try_wait().unwrap();
+    }
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let mut said = String::new();
+    std::io::Read::read_to_string(watcher.0.stdout.as_mut().unwrap(), &mut said).unwrap();
+    assert!(said.contains("test.json written; done"), "{said}");
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// Fails the run at one step, as a process killed without warning would stop: nothing is
 /// saved at that moment.
 struct KilledAtStep(u64);
