@@ -13,8 +13,7 @@
 # later (a mid-epoch save, --save-every, or the next epoch's end may have overwritten them
 # since: then that epoch is skipped, marked MISSED).
 # Runs until RUN_DIR/test.json exists (the run and its evaluation are done), or RUN_DIR is
-# gone. Start it
-# detached, beside the training: setsid nohup scripts/snapshot-epochs.sh ... &
+# gone. Start it detached, beside the training: setsid nohup scripts/snapshot-epochs.sh ... &
 set -euo pipefail
 pack=$(cd "$(dirname "$0")" && pwd)/parkpack.py
 run=${1:?usage: scripts/snapshot-epochs.sh RUN_DIR SNAP_DIR [POLL_SECONDS]}

@@ -480,7 +480,8 @@ fn epoch_snapshots_hold_the_epoch_end_and_park_while_the_run_trains() {
     // park.sh refuses a folder that a savae train writes, whatever the binary is called.
     let fake = root.join("bin/savae-bin-0123abc");
     std::fs::create_dir_all(fake.parent().unwrap()).unwrap();
-    std::fs::write(&fake, "#!/bin/sh\nsleep 30\n").unwrap();
+    // Short sleeps in a loop: killing the shell leaves no long-lived child behind.
+    std::fs::write(&fake, "#!/bin/sh\nwhile :; do sleep 0.1; done\n").unwrap();
     let mut writer = Command::new("sh")
         .arg(&fake)
         .args(["train", "--run-dir", at.to_str().unwrap(), "--resume"])
